@@ -1,0 +1,653 @@
+"""Streaming safetensors shards in and out, the shard index, and atomic output paths.
+
+Why a reader and writer of our own rather than the `safetensors` package: its numpy loader cannot
+return bfloat16 (numpy has no bfloat16 dtype), and its writer wants every tensor in memory at once.
+Streaming a bfloat16 model larger than RAM therefore needs this small implementation of the
+documented layout (an 8-byte little-endian header length, a JSON header, then the raw tensor bytes)
+with `ml_dtypes.bfloat16` standing in for bfloat16 in numpy. Tests check the output against both
+`safetensors` and `mx.load`.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import math
+import mmap
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import TracebackType
+from typing import NoReturn
+
+import ml_dtypes
+import numpy as np
+
+from mlxedge.errors import MlxedgeError
+from mlxedge.model import TensorInfo
+
+logger = logging.getLogger(__name__)
+
+SAFETENSORS_DTYPES: dict[str, np.dtype] = {
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F64": np.dtype("<f8"),
+    "I8": np.dtype("i1"),
+    "U8": np.dtype("u1"),
+    "I16": np.dtype("<i2"),
+    "U16": np.dtype("<u2"),
+    "I32": np.dtype("<i4"),
+    "U32": np.dtype("<u4"),
+    "I64": np.dtype("<i8"),
+    "U64": np.dtype("<u8"),
+    "BOOL": np.dtype("bool"),
+}
+_CODES_BY_NAME = {dtype.name: code for code, dtype in SAFETENSORS_DTYPES.items()}
+
+# A real header is a few hundred KiB even for thousands of tensors; the Rust implementation uses
+# the same 100 MB cap. Anything larger is corruption, and must not be allocated.
+MAX_HEADER_BYTES = 100 * 2**20
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_SHARD_NAME = "model.safetensors"
+_METADATA_KEY = "__metadata__"
+_CORRUPT_FIX = "the file is truncated or corrupt; download or convert it again"
+
+
+def dtype_code(dtype: np.dtype | type | str) -> str:
+    """The safetensors dtype code of a numpy dtype ("float32" -> "F32", bfloat16 -> "BF16").
+
+    Args:
+        dtype: a numpy dtype, scalar type or dtype name ("bfloat16" is understood too).
+
+    Returns:
+        The code used in safetensors headers.
+
+    Raises:
+        ValueError: the dtype has no safetensors code.
+    """
+    name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
+    try:
+        return _CODES_BY_NAME[name]
+    except KeyError:
+        raise ValueError(
+            f"dtype {name!r} cannot be stored in safetensors; "
+            f"supported: {', '.join(sorted(_CODES_BY_NAME))}"
+        ) from None
+
+
+def _numpy_dtype(name: str) -> np.dtype:
+    """numpy dtype of a TensorInfo dtype name; `np.dtype("bfloat16")` alone is not reliable."""
+    return SAFETENSORS_DTYPES[dtype_code(name)]
+
+
+def _nbytes(info: TensorInfo) -> int:
+    return math.prod(info.shape) * _numpy_dtype(info.dtype).itemsize
+
+
+def _is_int(value: object) -> bool:
+    # JSON true/false arrive as bool, which is an int subclass in Python.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _reject_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        duplicate = next(key for key in keys if keys.count(key) > 1)
+        raise ValueError(f"duplicate key {duplicate!r}")
+    return dict(pairs)
+
+
+class SafetensorsFile:
+    """One safetensors file, memory-mapped; its header is validated before anything is allocated.
+
+    Args:
+        path: the .safetensors file.
+
+    Raises:
+        MlxedgeError: the file cannot be opened, or its header is malformed or claims bytes the
+            file does not have.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.metadata: dict[str, str] = {}
+        # name -> (dtype, shape, absolute begin, absolute end), in data order.
+        self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
+        try:
+            with open(self.path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size < 8:
+                    self._fail(f"is {size} bytes long, shorter than the 8-byte header length")
+                (header_len,) = struct.unpack("<Q", f.read(8))
+                if header_len > size - 8:
+                    self._fail(
+                        f"header claims {header_len} bytes but the file has only {size - 8} "
+                        "after the length field"
+                    )
+                if header_len > MAX_HEADER_BYTES:
+                    self._fail(f"header claims {header_len} bytes, over the {MAX_HEADER_BYTES} cap")
+                raw = f.read(header_len)
+                self._parse_header(raw, data_start=8 + header_len, data_size=size - 8 - header_len)
+                # mmap keeps its own reference to the file, so the handle can close.
+                self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except OSError as exc:
+            raise MlxedgeError(
+                f"cannot read: {exc.strerror or exc}", path=self.path, fix="check the path"
+            ) from exc
+
+    def _fail(self, problem: str, fix: str = _CORRUPT_FIX) -> NoReturn:
+        raise MlxedgeError(f"not a valid safetensors file: {problem}", path=self.path, fix=fix)
+
+    def _parse_header(self, raw: bytes, data_start: int, data_size: int) -> None:
+        try:
+            header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys)
+        except (UnicodeDecodeError, ValueError) as exc:
+            self._fail(f"header is not UTF-8 JSON ({exc})")
+        if not isinstance(header, dict):
+            self._fail(f"header is a JSON {type(header).__name__}, not an object")
+        metadata = header.pop(_METADATA_KEY, {})
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            self._fail(f"{_METADATA_KEY} must map strings to strings")
+        self.metadata = metadata
+        spans = []
+        for name, entry in header.items():
+            if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+                self._fail(f"tensor {name!r} lacks one of dtype, shape, data_offsets")
+            code, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+            if code not in SAFETENSORS_DTYPES:
+                self._fail(
+                    f"tensor {name!r} has unsupported dtype {code!r} "
+                    f"(supported: {', '.join(SAFETENSORS_DTYPES)})",
+                    fix="convert the tensor to a supported dtype and save the file again",
+                )
+            if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+                self._fail(f"tensor {name!r} has shape {shape!r}; dims must be integers >= 0")
+            if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_int, offsets))):
+                self._fail(f"tensor {name!r} has data_offsets {offsets!r}; expected [begin, end]")
+            begin, end = offsets
+            dtype = SAFETENSORS_DTYPES[code]
+            expected = math.prod(shape) * dtype.itemsize
+            if begin < 0 or end < begin:
+                self._fail(f"tensor {name!r} has data_offsets {offsets!r} with end before begin")
+            if end > data_size:
+                self._fail(
+                    f"tensor {name!r} ends at byte {end} of the data but the file holds only "
+                    f"{data_size} data bytes"
+                )
+            if end - begin != expected:
+                self._fail(
+                    f"tensor {name!r} spans {end - begin} bytes but its shape {shape} of {code} "
+                    f"needs {expected}"
+                )
+            spans.append((begin, end, name))
+            self._entries[name] = (dtype, tuple(shape), data_start + begin, data_start + end)
+        spans.sort()
+        reach, reach_name = 0, ""  # furthest end so far, and whose
+        for begin, end, name in spans:
+            if begin < reach and begin < end:  # empty tensors overlap nothing
+                self._fail(f"tensors {reach_name!r} and {name!r} overlap")
+            if end > reach:
+                reach, reach_name = end, name
+        # Data order makes a full pass over the file read it sequentially.
+        self._entries = {name: self._entries[name] for _, _, name in spans}
+
+    def infos(self) -> list[TensorInfo]:
+        """Every tensor's name, shape and numpy dtype name, in the order of its bytes in the file.
+
+        Returns:
+            One TensorInfo per tensor.
+        """
+        return [
+            TensorInfo(name, shape, dtype.name)
+            for name, (dtype, shape, _, _) in self._entries.items()
+        ]
+
+    def read(self, name: str) -> np.ndarray:
+        """A read-only array viewing the tensor's bytes in the memory map (nothing is copied).
+
+        Args:
+            name: the tensor's name.
+
+        Returns:
+            The tensor with its stored shape and dtype.
+
+        Raises:
+            KeyError: the file has no tensor of that name.
+        """
+        try:
+            dtype, shape, begin, end = self._entries[name]
+        except KeyError:
+            raise KeyError(f"{self.path}: no tensor named {name!r}") from None
+        count = (end - begin) // dtype.itemsize
+        return np.frombuffer(self._mmap, dtype=dtype, count=count, offset=begin).reshape(shape)
+
+
+class HFCheckpoint:
+    """The safetensors weights of a Hugging Face model folder, as a `TensorSource`.
+
+    Use `HFCheckpoint.from_folder` to build one.
+
+    Args:
+        files: opened shards, in reading order.
+        owners: tensor name -> the shard holding it, in reading order.
+    """
+
+    def __init__(self, files: list[SafetensorsFile], owners: dict[str, SafetensorsFile]) -> None:
+        self.files = files
+        self._owners = owners
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> HFCheckpoint:
+        """Open the weights of a model folder without reading any tensor data.
+
+        The shard index (`model.safetensors.index.json`) decides which tensors exist when present;
+        otherwise every `*.safetensors` file in the folder is read, in sorted order.
+
+        Args:
+            folder: the model folder.
+
+        Returns:
+            The checkpoint, ordered by shard and then by position within the shard.
+
+        Raises:
+            MlxedgeError: the folder has no safetensors weights, the index is malformed or names
+                missing shards or tensors, or a tensor appears in two shards.
+        """
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise MlxedgeError("is not a folder", path=folder, fix="pass a model folder")
+        index_path = folder / INDEX_NAME
+        if index_path.is_file():
+            return cls._from_index(folder, index_path)
+        paths = sorted(folder.glob("*.safetensors"))
+        if not paths:
+            raise MlxedgeError(
+                "holds no *.safetensors weights; only safetensors are read, never .bin/.pt "
+                "pickles, because loading a pickle can run arbitrary code",
+                path=folder,
+                fix="convert the weights to safetensors, or pass a model published in safetensors",
+            )
+        files = [SafetensorsFile(p) for p in paths]
+        owners: dict[str, SafetensorsFile] = {}
+        for shard in files:
+            for info in shard.infos():
+                if info.name in owners:
+                    raise MlxedgeError(
+                        f"tensor {info.name!r} is in both {owners[info.name].path.name} and "
+                        f"{shard.path.name}",
+                        path=folder,
+                        fix="remove the stray .safetensors file, or add a " + INDEX_NAME,
+                    )
+                owners[info.name] = shard
+        return cls(files, owners)
+
+    @classmethod
+    def _from_index(cls, folder: Path, index_path: Path) -> HFCheckpoint:
+        fix = "download or convert the model again"
+        try:
+            weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+            raise MlxedgeError(f"cannot read the weight_map ({exc!r})", index_path, fix) from exc
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(v, str) for v in weight_map.values()
+        ):
+            raise MlxedgeError("weight_map must map tensor names to file names", index_path, fix)
+        by_file: dict[str, list[str]] = {}
+        for name, file_name in weight_map.items():
+            by_file.setdefault(file_name, []).append(name)
+        files, owners = [], {}
+        for file_name in sorted(by_file):
+            path = folder / file_name
+            # An index is input too: it must not point outside the model folder.
+            if path.resolve().parent != folder.resolve():
+                raise MlxedgeError(f"names a file outside the folder: {file_name!r}", index_path)
+            if not path.is_file():
+                raise MlxedgeError(f"names {file_name}, which is missing", index_path, fix)
+            shard = SafetensorsFile(path)
+            present = {info.name for info in shard.infos()}
+            missing = [name for name in by_file[file_name] if name not in present]
+            if missing:
+                raise MlxedgeError(
+                    f"names {len(missing)} tensors missing from {file_name}, e.g. {missing[0]!r}",
+                    index_path,
+                    fix,
+                )
+            files.append(shard)
+            wanted = set(by_file[file_name])
+            owners.update((info.name, shard) for info in shard.infos() if info.name in wanted)
+        return cls(files, owners)
+
+    def infos(self) -> list[TensorInfo]:
+        """Every tensor's name, shape and dtype name, shard by shard in data order.
+
+        Returns:
+            One TensorInfo per tensor.
+        """
+        return [
+            info
+            for shard in self.files
+            for info in shard.infos()
+            if self._owners.get(info.name) is shard
+        ]
+
+    def read(self, name: str) -> np.ndarray:
+        """One tensor as a read-only view into its shard's memory map.
+
+        Args:
+            name: the tensor's name.
+
+        Returns:
+            The tensor with its stored shape and dtype.
+
+        Raises:
+            KeyError: no shard holds a tensor of that name.
+        """
+        try:
+            shard = self._owners[name]
+        except KeyError:
+            raise KeyError(f"no tensor named {name!r} in the checkpoint") from None
+        return shard.read(name)
+
+
+class SafetensorsWriter:
+    """Writes one safetensors file tensor by tensor: the header first, then data in announced order.
+
+    Only one tensor is ever held, so peak memory is the largest tensor, not the file. The bytes
+    depend only on `infos`, `metadata` and the data: the header is compact JSON with keys in the
+    announced order (`__metadata__` first), space-padded to a multiple of 8 bytes.
+
+    Args:
+        path: the file to create (overwritten if present; atomicity is `atomic_output`'s job).
+        infos: every tensor, in the order they will be written.
+        metadata: string pairs stored under `__metadata__` (mlx-lm writes {"format": "mlx"}).
+
+    Raises:
+        ValueError: duplicate or reserved names, negative dims, an unsupported dtype, or
+            non-string metadata.
+    """
+
+    def __init__(
+        self, path: Path, infos: list[TensorInfo], metadata: dict[str, str] | None = None
+    ) -> None:
+        self.path = Path(path)
+        self._infos = list(infos)
+        self._dtypes = [_numpy_dtype(info.dtype) for info in self._infos]
+        header: dict[str, object] = {}
+        if metadata:
+            if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+                raise ValueError("safetensors metadata must map strings to strings")
+            header[_METADATA_KEY] = dict(metadata)
+        offset = 0
+        for info, dtype in zip(self._infos, self._dtypes, strict=True):
+            if info.name in header:
+                raise ValueError(f"tensor name {info.name!r} is duplicated or reserved")
+            if not all(_is_int(d) and d >= 0 for d in info.shape):
+                raise ValueError(f"tensor {info.name!r} has shape {info.shape}; dims must be >= 0")
+            size = math.prod(info.shape) * dtype.itemsize
+            header[info.name] = {
+                "dtype": dtype_code(dtype),
+                "shape": list(info.shape),
+                "data_offsets": [offset, offset + size],
+            }
+            offset += size
+        encoded = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        # Trailing spaces are allowed by the format; they keep the data 8-byte aligned.
+        encoded += b" " * (-len(encoded) % 8)
+        self._next = 0
+        self._file = open(self.path, "wb")  # noqa: SIM115 - closed in close()
+        self._file.write(struct.pack("<Q", len(encoded)))
+        self._file.write(encoded)
+
+    def write(self, name: str, array: np.ndarray) -> None:
+        """Append the next announced tensor.
+
+        Args:
+            name: must be the next name announced in `infos`.
+            array: data of exactly the announced shape and dtype (any memory layout).
+
+        Raises:
+            ValueError: the name is not the next one, or shape or dtype differ from the
+                announcement.
+        """
+        if self._next >= len(self._infos):
+            raise ValueError(f"{self.path}: all announced tensors are written; got {name!r}")
+        info, dtype = self._infos[self._next], self._dtypes[self._next]
+        if name != info.name:
+            raise ValueError(f"{self.path}: expected tensor {info.name!r} next, got {name!r}")
+        if tuple(array.shape) != tuple(info.shape) or array.dtype != dtype:
+            raise ValueError(
+                f"{self.path}: tensor {name!r} was announced as {info.shape} {info.dtype}, "
+                f"got {tuple(array.shape)} {array.dtype}"
+            )
+        # A uint8 view, because the buffer protocol refuses ml_dtypes' bfloat16; copies only
+        # non-contiguous input, one tensor at a time.
+        self._file.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+        self._next += 1
+
+    def close(self) -> None:
+        """Close the file, checking that every announced tensor was written.
+
+        Raises:
+            ValueError: some announced tensors were never written (the file is incomplete).
+        """
+        if self._file.closed:
+            return
+        self._file.close()
+        if self._next != len(self._infos):
+            missing = len(self._infos) - self._next
+            raise ValueError(
+                f"{self.path}: {missing} announced tensors were not written, "
+                f"starting with {self._infos[self._next].name!r}"
+            )
+
+    def __enter__(self) -> SafetensorsWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            # The original error says more than "tensors were not written".
+            self._file.close()
+
+
+def plan_shards(infos: list[TensorInfo], max_shard_bytes: int) -> list[list[TensorInfo]]:
+    """Split tensors into shards in order, greedily, each at most `max_shard_bytes` of data.
+
+    A tensor larger than the limit gets a shard of its own, since a tensor cannot be split.
+
+    Args:
+        infos: the tensors in writing order.
+        max_shard_bytes: the data-byte budget of one shard (headers not counted, as in mlx-lm).
+
+    Returns:
+        The shards, each a non-empty list; empty when `infos` is.
+
+    Raises:
+        ValueError: `max_shard_bytes` is not positive.
+    """
+    if max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    shards: list[list[TensorInfo]] = []
+    used = 0
+    for info in infos:
+        size = _nbytes(info)
+        if not shards or used + size > max_shard_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(info)
+        used += size
+    return shards
+
+
+def write_checkpoint(
+    folder: Path,
+    infos: list[TensorInfo],
+    arrays: Iterable[np.ndarray],
+    metadata: dict[str, str] | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+) -> dict:
+    """Write tensors as safetensors shards plus `model.safetensors.index.json`, as mlx-lm does.
+
+    One shard is named `model.safetensors`; more are `model-00001-of-0000N.safetensors`. The index
+    is written in both cases, like mlx-lm's `save_model`.
+
+    Args:
+        folder: the output folder (created if missing); usually the path `atomic_output` yields.
+        infos: every tensor, in writing order.
+        arrays: the tensors' data in the same order, consumed one at a time so that only one is
+            held (pass a generator for streaming).
+        metadata: string pairs stored in every shard's `__metadata__`.
+        max_shard_bytes: data-byte budget of one shard.
+
+    Returns:
+        The index: {"metadata": {"total_size": ...}, "weight_map": {name: file, sorted by name}}.
+
+    Raises:
+        ValueError: `arrays` yields more or fewer tensors than `infos`, or one that does not match.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    shards = plan_shards(infos, max_shard_bytes) or [[]]
+    source = iter(arrays)
+    weight_map: dict[str, str] = {}
+    for number, shard in enumerate(shards, start=1):
+        if len(shards) == 1:
+            file_name = SINGLE_SHARD_NAME
+        else:
+            file_name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        logger.debug("writing %s (%d tensors)", file_name, len(shard))
+        with SafetensorsWriter(folder / file_name, shard, metadata) as writer:
+            for info in shard:
+                array = next(source, None)
+                if array is None:
+                    raise ValueError(f"arrays ended before tensor {info.name!r}")
+                writer.write(info.name, array)
+                del array  # keep at most one tensor alive
+                weight_map[info.name] = file_name
+    if next(source, None) is not None:
+        raise ValueError(f"arrays yielded more than the {len(infos)} tensors announced")
+    index = {
+        "metadata": {"total_size": sum(_nbytes(info) for info in infos)},
+        "weight_map": dict(sorted(weight_map.items())),
+    }
+    (folder / INDEX_NAME).write_text(json.dumps(index, indent=4), encoding="utf-8")
+    return index
+
+
+def _umask() -> int:
+    # The only way to read the umask is to set it; set it straight back.
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextmanager
+def _atomic(target: Path, force: bool, is_dir: bool) -> Iterator[Path]:
+    target = Path(target)
+    if os.path.lexists(target) and not force:
+        raise MlxedgeError(
+            "already exists", path=target, fix="pass --force to replace it, or choose another name"
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{target.name}.partial-"
+    if is_dir:
+        temp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
+        mode = 0o777
+    else:
+        fd, name = tempfile.mkstemp(prefix=prefix, dir=target.parent)
+        os.close(fd)
+        temp, mode = Path(name), 0o666
+    try:
+        # mkdtemp/mkstemp create owner-only entries; the artifact should get the usual permissions.
+        os.chmod(temp, mode & ~_umask())
+        yield temp
+        _move_into_place(temp, target, force)
+    except BaseException as exc:
+        _remove(temp)
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            raise MlxedgeError(
+                "no space left on device while writing; nothing was kept",
+                path=target,
+                fix="free some disk space or write the output elsewhere",
+            ) from exc
+        raise
+    logger.debug("wrote %s", target)
+
+
+def _move_into_place(temp: Path, target: Path, force: bool) -> None:
+    if not os.path.lexists(target):
+        os.rename(temp, target)
+        return
+    if not force:  # appeared while we were writing
+        raise MlxedgeError("appeared while writing; it was left untouched", path=target)
+    if temp.is_file() and target.is_file() and not target.is_symlink():
+        os.replace(temp, target)  # atomic on POSIX
+        return
+    # A folder cannot be swapped in one step: move the old one aside, then delete it.
+    aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    old = aside / "old"
+    os.rename(target, old)
+    try:
+        os.rename(temp, target)
+    except BaseException:
+        os.rename(old, target)
+        raise
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+@contextmanager
+def atomic_output(target: Path, force: bool = False) -> Iterator[Path]:
+    """Build an output folder in a hidden sibling and rename it onto `target` only on success.
+
+    Args:
+        target: the folder to produce.
+        force: replace `target` if it exists instead of refusing.
+
+    Yields:
+        An empty temporary folder next to `target` (`.<name>.partial-XXXX`) to write into.
+
+    Raises:
+        MlxedgeError: `target` exists and `force` is false (checked before any work starts), or the
+            disk filled up. On any exception, including KeyboardInterrupt, the temporary folder is
+            removed and the exception re-raised.
+    """
+    with _atomic(target, force, is_dir=True) as temp:
+        yield temp
+
+
+@contextmanager
+def atomic_file(target: Path, force: bool = False) -> Iterator[Path]:
+    """Like `atomic_output`, for a single file (a GGUF, say).
+
+    Args:
+        target: the file to produce.
+        force: replace `target` if it exists instead of refusing.
+
+    Yields:
+        The path of an empty temporary file next to `target` to write into.
+
+    Raises:
+        MlxedgeError: `target` exists and `force` is false, or the disk filled up.
+    """
+    with _atomic(target, force, is_dir=False) as temp:
+        yield temp

@@ -1,0 +1,129 @@
+"""Describe a model on disk: a Hugging Face folder, an MLX folder or a GGUF file."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import HFCheckpoint
+from .errors import MlxedgeError
+
+
+@dataclass
+class Description:
+    """What `mlxedge inspect` prints.
+
+    Attributes:
+        path: what was inspected.
+        kind: "Hugging Face folder", "MLX folder" or "GGUF file".
+        architecture: model_type (or GGUF general.architecture).
+        tensors: number of stored tensors.
+        types: stored tensor types with their counts ("uint32 (4-bit g64)": 210, ...).
+        size: bytes of tensor data.
+        params: parameter count of the model (unpacked, for quantized formats).
+        facts: further lines (layers, hidden size, quantization defaults...).
+    """
+
+    path: Path
+    kind: str
+    architecture: str
+    tensors: int
+    types: Counter
+    size: int
+    params: int
+    facts: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.size * 8 / self.params if self.params else 0.0
+
+
+def describe(path: Path) -> Description:
+    """Inspect `path`.
+
+    Raises:
+        MlxedgeError: not a GGUF file or a folder with config.json and safetensors, or corrupt.
+    """
+    path = Path(path)
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return _describe_gguf(path)
+    if path.is_dir() and (path / "config.json").is_file():
+        return _describe_folder(path)
+    raise MlxedgeError(
+        "not a GGUF file or a model folder",
+        path=path,
+        fix="pass a .gguf file or a folder with config.json and *.safetensors",
+    )
+
+
+def _describe_folder(path: Path) -> Description:
+    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    ckpt = HFCheckpoint.from_folder(path)
+    infos = ckpt.infos()
+    quant = config.get("quantization")
+    by_name = {i.name: i for i in infos}
+    types: Counter = Counter()
+    params = size = 0
+    for info in infos:
+        n = int(np.prod(info.shape, dtype=np.int64))
+        size += n * np.dtype(info.dtype).itemsize
+        if info.name.endswith((".scales", ".biases")) and quant:
+            continue
+        module = info.name.rsplit(".", 1)[0]
+        if quant and info.dtype == "uint32" and f"{module}.scales" in by_name:
+            spec = quant.get(module, quant)
+            bits, group = spec["bits"], spec["group_size"]
+            params += n * 32 // bits
+            types[f"{bits}-bit g{group}"] += 1
+        else:
+            params += n
+            types[info.dtype] += 1
+    facts = {
+        k: str(config[k])
+        for k in ("num_hidden_layers", "hidden_size", "vocab_size", "tie_word_embeddings")
+        if k in config
+    }
+    if quant:
+        facts["quantization"] = f"{quant['bits']}-bit, group {quant['group_size']} (default)"
+    return Description(
+        path=path,
+        kind="MLX folder" if quant else "Hugging Face folder",
+        architecture=str(config.get("model_type", "unknown")),
+        tensors=len(infos),
+        types=types,
+        size=size,
+        params=params,
+        facts=facts,
+    )
+
+
+def _describe_gguf(path: Path) -> Description:
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:  # gguf-py raises bare ValueErrors/IndexErrors on damaged files
+        raise MlxedgeError(
+            f"not a readable GGUF file ({e})", path=path, fix="download or export it again"
+        ) from None
+    arch = reader.fields["general.architecture"].contents()
+    types = Counter(t.tensor_type.name for t in reader.tensors)
+    facts = {}
+    for key in ("block_count", "embedding_length", "context_length"):
+        f = reader.fields.get(f"{arch}.{key}")
+        if f is not None:
+            facts[key] = str(f.contents())
+    return Description(
+        path=path,
+        kind="GGUF file",
+        architecture=str(arch),
+        tensors=len(reader.tensors),
+        types=types,
+        size=sum(int(t.n_bytes) for t in reader.tensors),
+        params=sum(int(t.n_elements) for t in reader.tensors),
+        facts=facts,
+    )

@@ -1,0 +1,178 @@
+"""Which tensor gets which scheme: the uniform and mixed recipes, embedding settings and overrides."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ..archs import LlamaFamily, Role
+from ..errors import MlxedgeError
+from ..model import TensorInfo
+from .schemes import SUPPORTED_BITS, AffineScheme
+
+RECIPES = ("uniform", "mixed")
+
+
+@dataclass(frozen=True)
+class Override:
+    """`REGEX=BITS[:GROUP]`: tensors whose module path fully matches REGEX get this scheme.
+
+    BITS may be `16` (or `keep`) to leave the tensor unquantized.
+    """
+
+    pattern: re.Pattern
+    bits: int | None  # None: keep in float
+    group_size: int | None  # None: the tensor's planned group size
+
+    @classmethod
+    def parse(cls, text: str) -> Override:
+        """Parse `REGEX=BITS[:GROUP]`.
+
+        Raises:
+            MlxedgeError: malformed text, a bad regex, or unsupported bits/group size.
+        """
+        regex, sep, spec = text.rpartition("=")
+        if not sep or not regex:
+            raise MlxedgeError(
+                f"override {text!r} is not of the form REGEX=BITS[:GROUP]",
+                fix="e.g. --override 'model\\.layers\\.0\\..*=8' or 'lm_head=6:32'",
+            )
+        try:
+            pattern = re.compile(regex)
+        except re.error as e:
+            raise MlxedgeError(f"override {text!r}: bad regular expression ({e})") from None
+        bits_text, _, group_text = spec.partition(":")
+        try:
+            bits = None if bits_text in ("16", "keep") else int(bits_text)
+            group = int(group_text) if group_text else None
+        except ValueError:
+            raise MlxedgeError(
+                f"override {text!r}: BITS and GROUP must be whole numbers",
+                fix=f"BITS from {SUPPORTED_BITS} or 16/keep; GROUP from 32, 64, 128",
+            ) from None
+        if bits is not None:
+            AffineScheme(bits, group or 64)  # validates both, naming the valid choices
+        return cls(pattern, bits, group)
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """The decision for one source tensor.
+
+    Attributes:
+        info: the source tensor.
+        role: what the tensor does.
+        scheme: how it is quantized, or None to keep it in float.
+        note: why it is kept in float when a scheme was wanted (shown in the report), else "".
+    """
+
+    info: TensorInfo
+    role: Role
+    scheme: AffineScheme | None
+    note: str = ""
+
+    @property
+    def module(self) -> str:
+        """Module path: the tensor name without its final `.weight` / `.bias`."""
+        return self.info.name.rsplit(".", 1)[0]
+
+
+def more_bits(bits: int) -> int:
+    """The next supported width at least two above `bits`, capped at 8 (2→4, 3→5, 4→6, 5→8...)."""
+    return next((b for b in SUPPORTED_BITS if b >= bits + 2), 8)
+
+
+def uses_more_bits(layer: int, n_layers: int) -> bool:
+    """llama.cpp's Q4_K_M rule for the blocks whose v/down projections get more bits."""
+    return (
+        layer < n_layers // 8
+        or layer >= 7 * n_layers // 8
+        or (layer - n_layers // 8) % 3 == 2
+    )
+
+
+@dataclass(frozen=True)
+class QuantOptions:
+    """What the user asked for; validated on construction.
+
+    Raises:
+        MlxedgeError: any value outside its valid choices (the message lists them).
+    """
+
+    bits: int = 4
+    group_size: int = 64
+    recipe: str = "uniform"
+    embed_bits: int | None = None  # None: as the recipe decides; 16: keep in float
+    embed_group_size: int | None = None
+    overrides: tuple[Override, ...] = ()
+
+    def __post_init__(self) -> None:
+        AffineScheme(self.bits, self.group_size)
+        if self.recipe not in RECIPES:
+            raise MlxedgeError(
+                f"recipe {self.recipe!r} is not supported", fix=f"choose one of {', '.join(RECIPES)}"
+            )
+        if self.embed_bits not in (None, 16):
+            AffineScheme(self.embed_bits, self.embed_group_size or self.group_size)
+        elif self.embed_group_size is not None:
+            AffineScheme(self.bits, self.embed_group_size)
+
+
+def _wanted(plan_role: Role, name: str, arch: LlamaFamily, opts: QuantOptions) -> int | None:
+    """Bits the recipe wants for a tensor (None: keep in float)."""
+    if plan_role in (Role.NORM, Role.BIAS, Role.DROP):
+        return None
+    high = more_bits(opts.bits)
+    is_head = plan_role == Role.HEAD or (plan_role == Role.EMBEDDING and arch.tied)
+    if opts.recipe == "mixed":
+        if is_head:
+            bits = high
+        else:
+            layer = arch.layer_index(name)
+            boosted = name.endswith(("self_attn.v_proj.weight", "mlp.down_proj.weight"))
+            bits = high if boosted and uses_more_bits(layer, arch.num_layers) else opts.bits
+    else:
+        bits = opts.bits
+    if plan_role == Role.EMBEDDING and opts.embed_bits is not None:
+        bits = None if opts.embed_bits == 16 else opts.embed_bits
+    return bits
+
+
+def plan_tensors(arch: LlamaFamily, infos: list[TensorInfo], opts: QuantOptions) -> list[TensorPlan]:
+    """Decide each tensor's scheme.
+
+    Order of precedence: the recipe, then --embed-bits/--embed-group-size, then overrides (the last
+    matching override wins). A tensor whose input size does not divide into its groups stays in
+    float, with a note.
+
+    Args:
+        arch: the model's architecture.
+        infos: the source tensors.
+        opts: the user's options.
+
+    Returns:
+        One plan per source tensor, in source order (DROP tensors included, with no scheme).
+    """
+    plans = []
+    for info in infos:
+        role = arch.role(info.name)
+        bits = _wanted(role, info.name, arch, opts)
+        group = opts.group_size
+        if role == Role.EMBEDDING and opts.embed_group_size is not None:
+            group = opts.embed_group_size
+        module = info.name.rsplit(".", 1)[0]
+        if role in (Role.LINEAR, Role.EMBEDDING, Role.HEAD):
+            for ov in opts.overrides:
+                if ov.pattern.fullmatch(module):
+                    bits = ov.bits
+                    group = ov.group_size or group
+        scheme, note = None, ""
+        if bits is not None:
+            if len(info.shape) != 2:
+                note = f"not a matrix {info.shape}"
+            elif info.shape[1] % group:
+                note = f"input size {info.shape[1]} is not a multiple of group size {group}"
+            else:
+                scheme = AffineScheme(bits, group)
+        plans.append(TensorPlan(info, role, scheme, note))
+    return plans

@@ -1,0 +1,291 @@
+"""Grouped affine integer quantization in MLX's storage layout — the numpy specification.
+
+Every faster implementation (MLX ops, Metal kernels) is tested against the functions here.
+
+Layout (what `mx.quantize` writes and `mx.dequantize` / `nn.QuantizedLinear` read):
+- a weight (rows, cols) is split along cols into groups of `group_size`;
+- each group has a `scale` and a `bias` in the output dtype; w ≈ scale * q + bias, q in [0, 2**bits - 1];
+- codes are packed along each row as one continuous little-endian bit stream, lowest bits first,
+  stored as uint32 words: (rows, cols * bits / 32). For 2/4/8 bits this is "32/bits codes per word";
+  for 3/5/6 bits codes straddle byte (not word) boundaries, exactly as a bit stream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+
+from ..errors import MlxedgeError
+
+SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
+SUPPORTED_GROUP_SIZES = (32, 64, 128)
+STORAGE_DTYPES = {
+    "float16": np.dtype(np.float16),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+    "float32": np.dtype(np.float32),
+}
+METHODS = ("rtn", "mse")
+
+# MLX floors the scale at this value so an all-equal group never divides by zero.
+_EPS = np.float32(1e-7)
+
+
+@dataclass(frozen=True)
+class AffineScheme:
+    """Bits and group size of grouped affine quantization; validated on construction.
+
+    Raises:
+        MlxedgeError: bits or group size is not one MLX supports (the message lists the valid ones).
+    """
+
+    bits: int
+    group_size: int
+
+    def __post_init__(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise MlxedgeError(
+                f"{self.bits} bits is not supported",
+                fix=f"choose bits from {', '.join(map(str, SUPPORTED_BITS))}",
+            )
+        if self.group_size not in SUPPORTED_GROUP_SIZES:
+            raise MlxedgeError(
+                f"group size {self.group_size} is not supported",
+                fix=f"choose a group size from {', '.join(map(str, SUPPORTED_GROUP_SIZES))}",
+            )
+
+    @property
+    def levels(self) -> int:
+        """Largest code, 2**bits - 1."""
+        return (1 << self.bits) - 1
+
+    def packed_cols(self, cols: int) -> int:
+        """Number of uint32 words per row for a row of `cols` weights."""
+        return cols * self.bits // 32
+
+    def fits(self, cols: int) -> bool:
+        """Whether a row of `cols` weights divides into whole groups."""
+        return cols % self.group_size == 0
+
+
+@dataclass
+class QuantizedTensor:
+    """Packed codes with per-group scales and biases, as MLX stores them.
+
+    Attributes:
+        weight: uint32 (rows, cols * bits / 32).
+        scales: (rows, cols / group_size) in the storage dtype.
+        biases: same shape and dtype as scales.
+    """
+
+    weight: np.ndarray
+    scales: np.ndarray
+    biases: np.ndarray
+    scheme: AffineScheme
+
+
+def storage_dtype(name: str) -> np.dtype:
+    """The numpy dtype for a storage dtype name.
+
+    Raises:
+        MlxedgeError: the name is not float16, bfloat16 or float32.
+    """
+    try:
+        return STORAGE_DTYPES[name]
+    except KeyError:
+        raise MlxedgeError(
+            f"dtype {name!r} is not supported", fix=f"choose one of {', '.join(STORAGE_DTYPES)}"
+        ) from None
+
+
+def pack(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Pack integer codes (rows, cols) into MLX's uint32 bit stream (rows, cols * bits / 32).
+
+    Eight codes always fill exactly `bits` bytes, so each run of eight is assembled in a uint64 and
+    its low `bits` bytes are kept: one code path for every bit width.
+    """
+    rows, cols = codes.shape
+    octets = codes.astype(np.uint64).reshape(rows, cols // 8, 8)
+    shifts = np.arange(8, dtype=np.uint64) * np.uint64(bits)
+    words = np.bitwise_or.reduce(octets << shifts, axis=-1)  # (rows, cols/8) uint64
+    stream = words.astype("<u8").view(np.uint8).reshape(rows, cols // 8, 8)[:, :, :bits]
+    return np.ascontiguousarray(stream).reshape(rows, cols * bits // 8).view("<u4")
+
+
+def unpack(packed: np.ndarray, bits: int) -> np.ndarray:
+    """Inverse of `pack`: uint32 (rows, words) → uint8 codes (rows, words * 32 / bits)."""
+    rows, words = packed.shape
+    stream = np.ascontiguousarray(packed).astype("<u4").view(np.uint8).reshape(rows, -1, bits)
+    octets = np.zeros((rows, stream.shape[1], 8), dtype=np.uint8)
+    octets[:, :, :bits] = stream
+    as_u64 = octets.view("<u8")  # (rows, cols/8, 1)
+    shifts = np.arange(8, dtype=np.uint64) * np.uint64(bits)
+    codes = (as_u64 >> shifts) & np.uint64((1 << bits) - 1)
+    return codes.reshape(rows, -1).astype(np.uint8)
+
+
+def _groups(w: np.ndarray, scheme: AffineScheme) -> np.ndarray:
+    """(rows, cols) weight → float32 (rows * cols / group_size, group_size)."""
+    return np.asarray(w, dtype=np.float32).reshape(-1, scheme.group_size)
+
+
+def codes_for(groups: np.ndarray, scale: np.ndarray, bias: np.ndarray, levels: int) -> np.ndarray:
+    """Nearest codes for float32 groups (G, gs) under per-group float32 scale and bias (G,)."""
+    q = np.rint((groups - bias[:, None]) / scale[:, None])
+    return np.clip(q, 0, levels)
+
+
+def group_error(groups: np.ndarray, q: np.ndarray, scale: np.ndarray, bias: np.ndarray):
+    """Sum of squared reconstruction error per group, float32 (G,)."""
+    r = q * scale[:, None] + bias[:, None] - groups
+    return np.einsum("gi,gi->g", r, r)
+
+
+def rtn_params(groups: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray]:
+    """MLX's affine rule: the float32 scale and bias `mx.quantize` uses to compute codes.
+
+    Not plain min/max: the extreme with the larger magnitude ("edge") is put exactly on a code,
+    so it is reproduced without error, and the scale is adjusted to keep the range. The bias is
+    that edge (or 0 when the edge rounds to code 0). All arithmetic in float32, as MLX does.
+    """
+    w_max = groups.max(axis=1)
+    w_min = groups.min(axis=1)
+    neg_edge = np.abs(w_min) > np.abs(w_max)
+    scale = np.maximum((w_max - w_min) / np.float32(levels), _EPS)
+    scale = np.where(neg_edge, scale, -scale)
+    edge = np.where(neg_edge, w_min, w_max)
+    q0 = np.rint(edge / scale)
+    nonzero = q0 != 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = np.where(nonzero, edge / np.where(nonzero, q0, 1), scale).astype(np.float32)
+    bias = np.where(nonzero, edge, np.float32(0)).astype(np.float32)
+    return scale, bias
+
+
+def _round_to(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """float32 values as they are after a round trip through the storage dtype."""
+    return x.astype(dtype).astype(np.float32)
+
+
+def _lsq_params(groups: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Least-squares scale and bias for fixed codes: min Σ (s q + b − w)² per group.
+
+    Returns (scale, bias, ok) where ok is False for groups whose codes are all equal (singular).
+    """
+    n = np.float32(groups.shape[1])
+    sq = q.sum(axis=1)
+    sqq = np.einsum("gi,gi->g", q, q)
+    sw = groups.sum(axis=1)
+    sqw = np.einsum("gi,gi->g", q, groups)
+    det = n * sqq - sq * sq
+    ok = det > 0
+    safe = np.where(ok, det, 1)
+    scale = (n * sqw - sq * sw) / safe
+    bias = (sqq * sw - sq * sqw) / safe
+    return scale.astype(np.float32), bias.astype(np.float32), ok
+
+
+# Candidate ranges for the squared-error search: the group's [min, max] is shrunk towards its
+# middle by these fractions at each end (clipping outliers trades their error for a finer grid).
+_SHRINK = np.array([0.0, 0.02, 0.05, 0.08, 0.12, 0.16, 0.2], dtype=np.float32)
+
+
+def _mse_chunk(groups: np.ndarray, scheme: AffineScheme, dtype: np.dtype):
+    """Squared-error search for one chunk of groups; see `quantize` for the contract."""
+    levels = scheme.levels
+    # Candidate 0 is MLX's rule itself, judged with its stored (rounded) scale and bias and its own
+    # codes: the search can only replace it by something strictly better, so mse <= rtn per group.
+    s32, b32 = rtn_params(groups, levels)
+    best_q = codes_for(groups, s32, b32, levels)
+    best_s, best_b = _round_to(s32, dtype), _round_to(b32, dtype)
+    best_err = group_error(groups, best_q, best_s, best_b)
+
+    w_min = groups.min(axis=1)
+    w_max = groups.max(axis=1)
+    span = w_max - w_min
+    for lo_cut in _SHRINK:
+        for hi_cut in _SHRINK:
+            lo = w_min + lo_cut * span
+            hi = w_max - hi_cut * span
+            scale = np.maximum((hi - lo) / np.float32(levels), _EPS)
+            q = codes_for(groups, scale, lo, levels)
+            # Refit scale and bias to these codes, then round them to storage and re-assign codes
+            # with the rounded values: what a reader will reconstruct is what we score.
+            ls, lb, ok = _lsq_params(groups, q)
+            s = _round_to(np.where(ok, ls, scale), dtype)
+            b = _round_to(np.where(ok, lb, lo), dtype)
+            s = np.where(s == 0, _round_to(scale, dtype), s)
+            s = np.where(s == 0, _EPS, s)
+            q = codes_for(groups, s, b, levels)
+            err = group_error(groups, q, s, b)
+            better = err < best_err
+            if better.any():
+                best_err = np.where(better, err, best_err)
+                best_s = np.where(better, s, best_s)
+                best_b = np.where(better, b, best_b)
+                best_q = np.where(better[:, None], q, best_q)
+    return best_q, best_s, best_b
+
+
+_CHUNK_GROUPS = 1 << 15  # bounds the search's temporaries to a few tens of MiB
+
+
+def quantize(
+    w: np.ndarray, scheme: AffineScheme, dtype: str = "bfloat16", method: str = "rtn"
+) -> QuantizedTensor:
+    """Quantize a 2-D weight (rows, cols) to grouped affine integers.
+
+    `rtn` is bit-exact with `mx.quantize(w.astype(dtype), group_size, bits)`: `w` is first cast to
+    the storage dtype, exactly as MLX would see it. `mse` searches each group's scale and bias for
+    the least squared reconstruction error, computing codes with the scale and bias already rounded
+    to the storage dtype; per group it is never worse than `rtn`.
+
+    Args:
+        w: float weight (rows, cols), any float dtype; cols must divide into groups.
+        scheme: bits and group size.
+        dtype: storage dtype of scales and biases ("float16", "bfloat16", "float32").
+        method: "rtn" or "mse".
+
+    Returns:
+        The packed tensor.
+
+    Raises:
+        MlxedgeError: unknown method or dtype.
+        ValueError: w is not 2-D or its columns do not divide into groups.
+    """
+    if method not in METHODS:
+        raise MlxedgeError(f"method {method!r} is not supported", fix=f"choose one of {METHODS}")
+    out_dtype = storage_dtype(dtype)
+    if w.ndim != 2 or not scheme.fits(w.shape[1]):
+        raise ValueError(f"cannot quantize shape {w.shape} with group size {scheme.group_size}")
+    rows, cols = w.shape
+    groups = _groups(np.asarray(w).astype(out_dtype), scheme)
+    if method == "rtn":
+        scale, bias = rtn_params(groups, scheme.levels)
+        q = codes_for(groups, scale, bias, scheme.levels)
+    else:
+        parts = [
+            _mse_chunk(groups[i : i + _CHUNK_GROUPS], scheme, out_dtype)
+            for i in range(0, len(groups), _CHUNK_GROUPS)
+        ]
+        q = np.concatenate([p[0] for p in parts])
+        scale = np.concatenate([p[1] for p in parts])
+        bias = np.concatenate([p[2] for p in parts])
+    n_groups = cols // scheme.group_size
+    return QuantizedTensor(
+        weight=pack(q.astype(np.uint8).reshape(rows, cols), scheme.bits),
+        scales=scale.astype(out_dtype).reshape(rows, n_groups),
+        biases=bias.astype(out_dtype).reshape(rows, n_groups),
+        scheme=scheme,
+    )
+
+
+def dequantize(qt: QuantizedTensor) -> np.ndarray:
+    """Reconstruct float32 weights (rows, cols): scale * q + bias per group, in float32."""
+    codes = unpack(qt.weight, qt.scheme.bits).astype(np.float32)
+    rows, cols = codes.shape
+    g = qt.scheme.group_size
+    scales = qt.scales.astype(np.float32).reshape(rows, cols // g, 1)
+    biases = qt.biases.astype(np.float32).reshape(rows, cols // g, 1)
+    return (codes.reshape(rows, cols // g, g) * scales + biases).reshape(rows, cols)

@@ -1,0 +1,214 @@
+"""Resolve what the user passed as MODEL into a `SourceModel`.
+
+MODEL is one of: `smollm2` (the embedded default model), a `.gguf` file, a local Hugging Face folder,
+or a Hub id (`org/name`, fetched into the Hugging Face cache; `HF_HUB_OFFLINE` and `HF_TOKEN` are
+honoured by huggingface_hub itself).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+from .archs import arch_for
+from .checkpoint import HFCheckpoint
+from .errors import MlxedgeError
+from .model import SourceModel
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2"
+
+# Files carried into every artifact unchanged (weights and config.json are rewritten instead).
+SIDE_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+)
+# What a Hub download fetches: no pickles, no other frameworks' weights.
+HUB_PATTERNS = ["*.safetensors", "model.safetensors.index.json", "config.json", *SIDE_FILES]
+
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+_QUANTIZED_TENSOR_SUFFIXES = (".scales", ".qweight", ".qzeros", ".weight_scale", ".g_idx")
+
+
+def resolve(model: str, revision: str | None = None) -> SourceModel:
+    """Turn MODEL into a source model.
+
+    Args:
+        model: `smollm2`, a `.gguf` path, a Hugging Face folder, or a Hub id.
+        revision: a Hub branch, tag or commit (Hub ids only).
+
+    Returns:
+        The model, with its tensors not yet read.
+
+    Raises:
+        MlxedgeError: the path is missing or unreadable, the model is already quantized, its
+            architecture is unsupported, or a Hub id cannot be fetched.
+    """
+    if model == DEFAULT_MODEL:
+        from .default_model import default_model_path
+
+        return _from_gguf(default_model_path())
+    path = Path(model).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise MlxedgeError("no such GGUF file", path=path, fix="check the path")
+        return _from_gguf(path)
+    if path.exists():
+        if not path.is_dir():
+            raise MlxedgeError(
+                "not a model folder or a .gguf file",
+                path=path,
+                fix="pass a Hugging Face model folder (config.json + *.safetensors) or a .gguf file",
+            )
+        return from_folder(path, origin=path.name)
+    if _HUB_ID.match(model) and not model.startswith((".", "/")):
+        return from_folder(_download(model, revision), origin=model, hub_id=model)
+    raise MlxedgeError(
+        "no such file or folder, and not a Hub id (org/name)",
+        path=model,
+        fix=f"pass a model folder, a .gguf file, a Hub id, or '{DEFAULT_MODEL}'",
+    )
+
+
+def _from_gguf(path: Path) -> SourceModel:
+    from .formats.gguf_import import load_gguf
+
+    return load_gguf(path)
+
+
+def _download(repo_id: str, revision: str | None) -> Path:
+    """Fetch a Hub snapshot (safetensors, config and tokenizer files only) into the HF cache."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        return Path(
+            snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS)
+        )
+    except GatedRepoError:
+        raise MlxedgeError(
+            "this model is gated",
+            path=repo_id,
+            fix="accept its licence on the Hub and set HF_TOKEN to a token with access",
+        ) from None
+    except RevisionNotFoundError:
+        raise MlxedgeError(f"revision {revision!r} not found", path=repo_id) from None
+    except RepositoryNotFoundError:
+        raise MlxedgeError(
+            "no such model on the Hub (or it is private)",
+            path=repo_id,
+            fix="check the id, or set HF_TOKEN for a private model",
+        ) from None
+    except LocalEntryNotFoundError:
+        raise MlxedgeError(
+            "not in the local Hugging Face cache, and the Hub cannot be reached "
+            "(offline, or HF_HUB_OFFLINE is set)",
+            path=repo_id,
+            fix="download it once while online, or pass a local folder",
+        ) from None
+    except OSError as e:  # network errors surface as OSError subclasses
+        raise MlxedgeError(f"could not download: {e}", path=repo_id) from None
+
+
+def _refuse_quantized(folder: Path, config: dict, names: list[str]) -> None:
+    """Already-quantized checkpoints cannot be quantized again; say what to pass instead."""
+    if "quantization" in config:
+        raise MlxedgeError(
+            "this is an already-quantized MLX folder",
+            path=folder,
+            fix="quantize from the original (unquantized) model; mlxedge inspect shows this folder",
+        )
+    qc = config.get("quantization_config")
+    if qc is not None or any(n.endswith(_QUANTIZED_TENSOR_SUFFIXES) for n in names):
+        method = (qc or {}).get("quant_method", "a quantized format")
+        raise MlxedgeError(
+            f"this checkpoint is already quantized ({method})",
+            path=folder,
+            fix="pass the original float16/bfloat16/float32 model it was made from",
+        )
+
+
+def from_folder(folder: Path, origin: str, hub_id: str | None = None) -> SourceModel:
+    """Open a Hugging Face model folder.
+
+    Args:
+        folder: contains config.json and *.safetensors (sharded with an index, or not).
+        origin: how the model is named in reports and cards (no directories).
+        hub_id: the Hub id, when the folder is a Hub snapshot.
+
+    Raises:
+        MlxedgeError: unreadable folder, missing/invalid config.json, unsupported architecture,
+            an already-quantized checkpoint, or missing tensors.
+    """
+    config_path = folder / "config.json"
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MlxedgeError(
+            "no config.json in this folder",
+            path=folder,
+            fix="pass a Hugging Face model folder (config.json + *.safetensors)",
+        ) from None
+    except PermissionError:
+        raise MlxedgeError("permission denied", path=config_path) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MlxedgeError(f"config.json is not valid JSON ({e})", path=config_path) from None
+    if not isinstance(config, dict):
+        raise MlxedgeError("config.json is not a JSON object", path=config_path)
+    weights = HFCheckpoint.from_folder(folder)
+    names = [i.name for i in weights.infos()]
+    _refuse_quantized(folder, config, names)
+    arch = arch_for(config, str(config_path))
+    missing = sorted(set(arch.expected_tensors()) - set(names))
+    if missing:
+        raise MlxedgeError(
+            f"{len(missing)} tensors the config calls for are missing, e.g. {missing[0]!r}",
+            path=folder,
+            fix="the checkpoint is incomplete; download or convert it again",
+        )
+    side = {}
+    for name in SIDE_FILES:
+        f = folder / name
+        if f.is_file():
+            side[name] = f.read_bytes()
+    name = hub_id.split("/")[-1] if hub_id else folder.name
+    readme = folder / "README.md"
+    license_id = _card_field(readme, "license") if readme.is_file() else None
+    return SourceModel(
+        name=name,
+        origin=origin,
+        config=config,
+        weights=weights,
+        side_files=side,
+        license=license_id,
+        base_model=hub_id,
+    )
+
+
+def _card_field(readme: Path, key: str) -> str | None:
+    """A scalar from a model card's YAML front matter (`key: value`), without a YAML parser."""
+    text = readme.read_text(encoding="utf-8", errors="replace")
+    if not text.startswith("---"):
+        return None
+    front = text.split("---", 2)[1] if text.count("---") >= 2 else ""
+    for line in front.splitlines():
+        k, sep, v = line.partition(":")
+        if sep and k.strip() == key and v.strip():
+            return v.strip().strip("'\"")
+    return None
