@@ -209,13 +209,17 @@ class SafetensorsFile:
         ]
 
     def read(self, name: str) -> np.ndarray:
-        """A read-only array viewing the tensor's bytes in the memory map (nothing is copied).
+        """The tensor's data, copied out of the memory map.
+
+        The copy is what keeps streaming memory bounded: the mapped pages are released right after
+        (madvise DONTNEED; a read-only file mapping simply refaults them if touched again), so the
+        process holds one tensor at a time instead of every page of the file it has read so far.
 
         Args:
             name: the tensor's name.
 
         Returns:
-            The tensor with its stored shape and dtype.
+            A writable array with the stored shape and dtype.
 
         Raises:
             KeyError: the file has no tensor of that name.
@@ -225,7 +229,13 @@ class SafetensorsFile:
         except KeyError:
             raise KeyError(f"{self.path}: no tensor named {name!r}") from None
         count = (end - begin) // dtype.itemsize
-        return np.frombuffer(self._mmap, dtype=dtype, count=count, offset=begin).reshape(shape)
+        view = np.frombuffer(self._mmap, dtype=dtype, count=count, offset=begin)
+        out = view.reshape(shape).copy()
+        del view
+        start = begin - begin % mmap.PAGESIZE
+        if end > start and hasattr(self._mmap, "madvise"):
+            self._mmap.madvise(mmap.MADV_DONTNEED, start, end - start)
+        return out
 
 
 class HFCheckpoint:

@@ -150,14 +150,18 @@ def test_mse_never_worse_than_rtn_property(bits, seed, scale, heavy):
 def test_backend_matches_specification(method):
     rng = np.random.default_rng(3)
     scheme = AffineScheme(3, 64)
-    w = _awkward_weight(rng, 32, 512, 64).astype(ml_dtypes.bfloat16)
+    w = _awkward_weight(rng, 256, 512, 64).astype(ml_dtypes.bfloat16)
     spec = schemes.quantize(w, scheme, "bfloat16", method)
     fast, err = backend.quantize(w, scheme, "bfloat16", method)
     np.testing.assert_array_equal(fast.weight, spec.weight)
     np.testing.assert_array_equal(fast.scales, spec.scales)
     np.testing.assert_array_equal(fast.biases, spec.biases)
+    # the error is measured on evenly spaced rows: check it against the same rows
+    step = -(-w.size // backend.ERROR_SAMPLE)
     ref = w.astype(np.float32)
-    diff = schemes.dequantize(spec) - ref
+    diff = (schemes.dequantize(spec) - ref)[::step]
+    ref = ref[::step]
+    assert step > 1
     assert err.rel_rmse == pytest.approx(np.sqrt((diff**2).sum() / (ref**2).sum()), rel=1e-4)
     assert err.max_abs == pytest.approx(np.abs(diff).max(), rel=1e-6)
 

@@ -57,6 +57,12 @@ def active_backend() -> str:
     return f"mlx ({mx.default_device()})"
 
 
+# Error statistics are estimated on evenly spaced rows totalling at most this many weights:
+# measuring every weight costs several times the quantization itself on MLX's CPU backend,
+# while 64K samples pin the relative RMS error to well under 1% of its value.
+ERROR_SAMPLE = 1 << 16
+
+
 def quantize(
     w: np.ndarray, scheme: AffineScheme, dtype: str, method: str
 ) -> tuple[QuantizedTensor, QuantError]:
@@ -69,41 +75,29 @@ def quantize(
         method: "rtn" or "mse".
 
     Returns:
-        The packed tensor (identical to `schemes.quantize`) and its error against `w` cast to dtype.
+        The packed tensor (identical to `schemes.quantize`) and its error against `w` cast to
+        dtype, measured on evenly spaced rows (at most ERROR_SAMPLE weights).
     """
     out_dtype = schemes.storage_dtype(dtype)
-    w = np.asarray(w)
+    w = np.asarray(w).astype(out_dtype, copy=False)
     if mx is not None and method == "rtn":
-        wm = _to_mx(w.astype(out_dtype, copy=False))
-        q, s, b = mx.quantize(wm, group_size=scheme.group_size, bits=scheme.bits)
+        q, s, b = mx.quantize(_to_mx(w), group_size=scheme.group_size, bits=scheme.bits)
         qt = QuantizedTensor(_to_np(q), _to_np(s), _to_np(b), scheme)
     else:
         qt = schemes.quantize(w, scheme, dtype, method)
-        wm = _to_mx(w.astype(out_dtype, copy=False)) if mx is not None else None
-    return qt, _error(qt, w.astype(out_dtype, copy=False), wm)
+    return qt, sampled_error(qt, w)
 
 
-def _error(qt: QuantizedTensor, w: np.ndarray, wm) -> QuantError:
-    """Error statistics, computed in float32 with MLX when present (much faster than numpy)."""
-    if wm is None:
-        ref = w.astype(np.float32)
-        diff = schemes.dequantize(qt) - ref
-        num, den = float(np.sum(diff * diff)), float(np.sum(ref * ref))
-        worst = float(np.abs(diff).max()) if diff.size else 0.0
-    else:
-        ref = wm.astype(mx.float32)
-        rec = mx.dequantize(
-            _to_mx(qt.weight),
-            _to_mx(qt.scales).astype(mx.float32),
-            _to_mx(qt.biases).astype(mx.float32),
-            group_size=qt.scheme.group_size,
-            bits=qt.scheme.bits,
-        )
-        diff = rec - ref
-        num, den, worst = (
-            mx.sum(diff * diff).item(),
-            mx.sum(ref * ref).item(),
-            mx.max(mx.abs(diff)).item(),
-        )
+def sampled_error(qt: QuantizedTensor, w: np.ndarray) -> QuantError:
+    """Reconstruction error of `qt` against `w` on evenly spaced rows (all rows if small)."""
+    rows, cols = w.shape
+    step = max(1, -(-rows * cols // ERROR_SAMPLE))
+    sample = QuantizedTensor(
+        qt.weight[::step], qt.scales[::step], qt.biases[::step], qt.scheme
+    )
+    ref = w[::step].astype(np.float32)
+    diff = schemes.dequantize(sample) - ref
+    num, den = float(np.einsum("ij,ij->", diff, diff)), float(np.einsum("ij,ij->", ref, ref))
+    worst = float(np.abs(diff).max()) if diff.size else 0.0
     rel = (num / den) ** 0.5 if den > 0 else (0.0 if num == 0 else float("inf"))
     return QuantError(rel_rmse=rel, max_abs=worst)
