@@ -151,7 +151,9 @@ class SafetensorsFile:
             self._fail(f"header is not UTF-8 JSON ({exc})")
         if not isinstance(header, dict):
             self._fail(f"header is a JSON {type(header).__name__}, not an object")
-        metadata = header.pop(_METADATA_KEY, {})
+        # mx.save_safetensors writes "__metadata__": null when it has none.
+        metadata = header.pop(_METADATA_KEY, None)
+        metadata = {} if metadata is None else metadata
         if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
             self._fail(f"{_METADATA_KEY} must map strings to strings")
         self.metadata = metadata

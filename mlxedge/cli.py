@@ -20,7 +20,8 @@ out = Console()
 
 
 def _fail(err: MlxedgeError) -> None:
-    console.print(f"[bold red]error:[/] {err}", highlight=False)
+    # click.echo, not rich: an error message must never be re-wrapped (paths stay greppable).
+    click.echo(f"error: {err}", err=True)
     sys.exit(2)
 
 
@@ -156,9 +157,9 @@ def _print_report(report) -> None:
     )
     if report.quantized:
         worst = max(report.quantized, key=lambda r: r.rel_rmse)
-        out.print(f"worst tensor: {worst.name} (relative RMS error {worst.rel_rmse:.4f}, max |error| {worst.max_abs:.3g})")
+        out.print(soft_wrap=True, *[f"worst tensor: {worst.name} (relative RMS error {worst.rel_rmse:.4f}, max |error| {worst.max_abs:.3g})"])
     for r in report.kept:
-        out.print(f"[yellow]kept in float:[/] {r.name}: {r.note}")
+        out.print(f"[yellow]kept in float:[/] {r.name}: {r.note}", soft_wrap=True)
 
 
 @main.command("import")
