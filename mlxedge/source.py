@@ -58,7 +58,11 @@ def resolve(model: str, revision: str | None = None) -> SourceModel:
     if model == DEFAULT_MODEL:
         from .default_model import default_model_path
 
-        return _from_gguf(default_model_path())
+        model_ = _from_gguf(default_model_path())
+        # The GGUF's own general.name describes a training run; name the published model instead.
+        model_.name, model_.origin = "SmolLM2-135M-Instruct", DEFAULT_MODEL
+        model_.base_model = "HuggingFaceTB/SmolLM2-135M-Instruct"
+        return model_
     path = Path(model).expanduser()
     if path.suffix.lower() == ".gguf":
         if not path.is_file():
