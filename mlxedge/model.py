@@ -1,4 +1,4 @@
-"""What every source turns into: a config, a stream of named tensors and the files that travel along.
+"""What every source turns into: a config, a stream of named tensors, the files that travel along.
 
 A Hugging Face folder, a Hub snapshot and a GGUF file all become a `SourceModel`, so the pipeline
 after `source.resolve` never asks where a model came from.
@@ -19,7 +19,9 @@ class TensorInfo:
 
     name: str
     shape: tuple[int, ...]
-    dtype: str  # numpy/ml_dtypes name as stored: "float32", "float16", "bfloat16", or a GGUF type name
+    dtype: (
+        str  # numpy/ml_dtypes name as stored: "float32", "float16", "bfloat16", or a GGUF type name
+    )
 
 
 class TensorSource(Protocol):
@@ -48,7 +50,8 @@ class SourceModel:
         config: the Hugging Face config.json contents.
         weights: the tensors, with Hugging Face names ("model.layers.0.self_attn.q_proj.weight").
         side_files: files carried into every artifact unchanged, by file name (tokenizer.json,
-            tokenizer_config.json, special_tokens_map.json, generation_config.json, chat_template.jinja).
+            tokenizer_config.json, special_tokens_map.json, generation_config.json,
+            chat_template.jinja).
         license: the licence identifier when the source states it ("apache-2.0"), else None.
         base_model: the upstream model id when the source states it, else None.
     """

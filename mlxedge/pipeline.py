@@ -77,7 +77,8 @@ class QuantizeReport:
 
     def scheme_counts(self) -> Counter:
         return Counter(
-            f"{r.scheme.bits}-bit g{r.scheme.group_size}" if r.scheme else "float" for r in self.rows
+            f"{r.scheme.bits}-bit g{r.scheme.group_size}" if r.scheme else "float"
+            for r in self.rows
         )
 
 
@@ -203,7 +204,9 @@ def quantize_to_mlx(
     report = QuantizeReport(output=output, method=method, dtype=dtype, params=params)
     if on_plan is not None:
         on_plan(kept)
-    log.info("quantizing %d tensors of %s with %s", len(kept), source.name, backend.active_backend())
+    log.info(
+        "quantizing %d tensors of %s with %s", len(kept), source.name, backend.active_backend()
+    )
     with atomic_output(output, force=force) as tmp:
         # Small files first: a failure in the long tensor loop then costs nothing extra.
         quant_block = mlx_format.quantization_block(kept, default)

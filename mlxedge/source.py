@@ -1,6 +1,6 @@
 """Resolve what the user passed as MODEL into a `SourceModel`.
 
-MODEL is one of: `smollm2` (the embedded default model), a `.gguf` file, a local Hugging Face folder,
+MODEL is one of: `smollm2` (the embedded default model), a `.gguf` file, a Hugging Face folder,
 or a Hub id (`org/name`, fetched into the Hugging Face cache; `HF_HUB_OFFLINE` and `HF_TOKEN` are
 honoured by huggingface_hub itself).
 """
@@ -73,7 +73,7 @@ def resolve(model: str, revision: str | None = None) -> SourceModel:
             raise MlxedgeError(
                 "not a model folder or a .gguf file",
                 path=path,
-                fix="pass a Hugging Face model folder (config.json + *.safetensors) or a .gguf file",
+                fix="pass a Hugging Face folder (config.json + *.safetensors) or a .gguf file",
             )
         return from_folder(path, origin=path.name)
     if _HUB_ID.match(model) and not model.startswith((".", "/")):
@@ -102,9 +102,7 @@ def _download(repo_id: str, revision: str | None) -> Path:
     )
 
     try:
-        return Path(
-            snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS)
-        )
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
     except GatedRepoError:
         raise MlxedgeError(
             "this model is gated",

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from mlx_lm import generate, load
+from tiny_models import ARCHS, make_tiny_model
 
 from mlxedge import checkpoint
 from mlxedge.cli import main
 from mlxedge.quant.recipes import QuantOptions, more_bits, uses_more_bits
-from tiny_models import ARCHS, make_tiny_model
 
 
 def run(*args: str):
@@ -114,9 +114,7 @@ def test_bits_per_weight_counts_every_byte(tmp_path):
     src = make_tiny_model(tmp_path / "m", "llama", tied=True, dtype="bfloat16")
     out = tmp_path / "q"
     assert run("quantize", src, "-o", out).exit_code == 0
-    params = sum(
-        math.prod(i.shape) for i in checkpoint.HFCheckpoint.from_folder(src).infos()
-    )
+    params = sum(math.prod(i.shape) for i in checkpoint.HFCheckpoint.from_folder(src).infos())
     written = sum(math.prod(i.shape) * np.dtype(i.dtype).itemsize
                   for i in checkpoint.HFCheckpoint.from_folder(out).infos())  # fmt: skip
     card = (out / "README.md").read_text()
@@ -192,7 +190,9 @@ def test_nan_weight(tmp_path):
     src = make_tiny_model(tmp_path / "m", "llama", dtype="float32")
     weights = {k: np.array(v) for k, v in mx.load(str(src / "model.safetensors")).items()}
     weights["model.layers.1.mlp.up_proj.weight"][3, 5] = np.nan
-    mx.save_safetensors(str(src / "model.safetensors"), {k: mx.array(v) for k, v in weights.items()})
+    mx.save_safetensors(
+        str(src / "model.safetensors"), {k: mx.array(v) for k, v in weights.items()}
+    )
     out = tmp_path / "out"
     result = run("quantize", src, "-o", out)
     assert result.exit_code == 2

@@ -39,7 +39,9 @@ def _awkward_weight(rng, rows: int, cols: int, group: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("bits,group", list(itertools.product(SUPPORTED_BITS, SUPPORTED_GROUP_SIZES)))
+@pytest.mark.parametrize(
+    "bits,group", list(itertools.product(SUPPORTED_BITS, SUPPORTED_GROUP_SIZES))
+)
 def test_rtn_is_bit_exact_with_mx_quantize(bits, group, dtype):
     rng = np.random.default_rng(bits * 1000 + group)
     scheme = AffineScheme(bits, group)
@@ -51,7 +53,9 @@ def test_rtn_is_bit_exact_with_mx_quantize(bits, group, dtype):
     np.testing.assert_array_equal(ours.biases.astype(np.float32), b)
 
 
-@pytest.mark.parametrize("bits,group", list(itertools.product(SUPPORTED_BITS, SUPPORTED_GROUP_SIZES)))
+@pytest.mark.parametrize(
+    "bits,group", list(itertools.product(SUPPORTED_BITS, SUPPORTED_GROUP_SIZES))
+)
 def test_dequantize_matches_mx_dequantize_in_float32(bits, group):
     rng = np.random.default_rng(7)
     scheme = AffineScheme(bits, group)

@@ -1,4 +1,4 @@
-"""The real default model: SmolLM2-135M-Instruct, from its GGUF, quantized, loaded and run in mlx-lm."""
+"""The real default model, SmolLM2-135M-Instruct from its GGUF: quantized, loaded, run in mlx-lm."""
 
 from __future__ import annotations
 

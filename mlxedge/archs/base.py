@@ -22,7 +22,9 @@ class Role(str, Enum):
     LINEAR = "linear"  # a projection inside a block: quantized
     NORM = "norm"  # RMSNorm weights: kept in float
     BIAS = "bias"  # projection biases: kept in float
-    DROP = "drop"  # not part of the model's parameters (precomputed rotary tables, a tied head copy)
+    DROP = (
+        "drop"  # not part of the model's parameters (precomputed rotary tables, a tied head copy)
+    )
 
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
@@ -74,7 +76,8 @@ class LlamaFamily:
         missing = [k for k in self.required_keys if k not in self.config]
         if missing:
             raise MlxedgeError(
-                f"config.json lacks {', '.join(missing)} required for model_type {self.model_type!r}",
+                f"config.json lacks {', '.join(missing)}, "
+                f"required for model_type {self.model_type!r}",
                 path=where,
                 fix="use the model's original config.json",
             )
@@ -120,7 +123,7 @@ class LlamaFamily:
         return ()
 
     def output_config(self) -> dict:
-        """The config to write beside converted weights: the source's, with defaults made explicit."""
+        """The config to write beside converted weights: the source's, defaults made explicit."""
         out = dict(self.config)
         out["tie_word_embeddings"] = self.tied
         return out

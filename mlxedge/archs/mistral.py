@@ -1,4 +1,4 @@
-"""Mistral: the llama layout (mlx-lm loads it with its llama class); sliding window in the config."""
+"""Mistral: the llama layout (mlx-lm loads it with its llama class)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Qwen3: the llama layout plus RMSNorms on queries and keys (per head), and an explicit head_dim."""
+"""Qwen3: the llama layout plus per-head RMSNorms on queries and keys, and an explicit head_dim."""
 
 from __future__ import annotations
 

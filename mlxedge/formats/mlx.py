@@ -1,7 +1,7 @@
 """The MLX folder: what `mlx_lm.load` and mlx-swift-lm read as they are.
 
 Contents: config.json with a `quantization` block in mlx-lm's shape (defaults plus one entry per
-module whose scheme differs), safetensors shards (+ index when sharded), the tokenizer and generation
+module whose scheme differs), safetensors shards with their index, the tokenizer and generation
 files carried over, and a README model card. Nothing here holds a timestamp, a duration or an
 absolute path, so a rerun writes identical bytes.
 """
@@ -94,7 +94,7 @@ def _mib(n: int) -> str:
 
 
 def model_card(facts: CardFacts) -> bytes:
-    """README.md for the folder: front matter Hugging Face reads, then how it was made and its error."""
+    """README.md for the folder: front matter for the Hub, then how it was made and its error."""
     front = ["---", "library_name: mlx", "tags:", "- mlx", "- mlxedge", "- quantized"]
     if facts.license:
         front.append(f"license: {facts.license}")

@@ -92,9 +92,7 @@ def sampled_error(qt: QuantizedTensor, w: np.ndarray) -> QuantError:
     """Reconstruction error of `qt` against `w` on evenly spaced rows (all rows if small)."""
     rows, cols = w.shape
     step = max(1, -(-rows * cols // ERROR_SAMPLE))
-    sample = QuantizedTensor(
-        qt.weight[::step], qt.scales[::step], qt.biases[::step], qt.scheme
-    )
+    sample = QuantizedTensor(qt.weight[::step], qt.scales[::step], qt.biases[::step], qt.scheme)
     ref = w[::step].astype(np.float32)
     diff = schemes.dequantize(sample) - ref
     num, den = float(np.einsum("ij,ij->", diff, diff)), float(np.einsum("ij,ij->", ref, ref))

@@ -1,4 +1,4 @@
-"""Which tensor gets which scheme: the uniform and mixed recipes, embedding settings and overrides."""
+"""Which tensor gets which scheme: uniform and mixed recipes, embedding settings, overrides."""
 
 from __future__ import annotations
 
@@ -84,11 +84,7 @@ def more_bits(bits: int) -> int:
 
 def uses_more_bits(layer: int, n_layers: int) -> bool:
     """llama.cpp's Q4_K_M rule for the blocks whose v/down projections get more bits."""
-    return (
-        layer < n_layers // 8
-        or layer >= 7 * n_layers // 8
-        or (layer - n_layers // 8) % 3 == 2
-    )
+    return layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
 
 
 @dataclass(frozen=True)
@@ -110,7 +106,8 @@ class QuantOptions:
         AffineScheme(self.bits, self.group_size)
         if self.recipe not in RECIPES:
             raise MlxedgeError(
-                f"recipe {self.recipe!r} is not supported", fix=f"choose one of {', '.join(RECIPES)}"
+                f"recipe {self.recipe!r} is not supported",
+                fix=f"choose one of {', '.join(RECIPES)}",
             )
         if self.embed_bits not in (None, 16):
             AffineScheme(self.embed_bits, self.embed_group_size or self.group_size)
@@ -138,7 +135,9 @@ def _wanted(plan_role: Role, name: str, arch: LlamaFamily, opts: QuantOptions) -
     return bits
 
 
-def plan_tensors(arch: LlamaFamily, infos: list[TensorInfo], opts: QuantOptions) -> list[TensorPlan]:
+def plan_tensors(
+    arch: LlamaFamily, infos: list[TensorInfo], opts: QuantOptions
+) -> list[TensorPlan]:
     """Decide each tensor's scheme.
 
     Order of precedence: the recipe, then --embed-bits/--embed-group-size, then overrides (the last

@@ -4,7 +4,8 @@ Every faster implementation (MLX ops, Metal kernels) is tested against the funct
 
 Layout (what `mx.quantize` writes and `mx.dequantize` / `nn.QuantizedLinear` read):
 - a weight (rows, cols) is split along cols into groups of `group_size`;
-- each group has a `scale` and a `bias` in the output dtype; w ≈ scale * q + bias, q in [0, 2**bits - 1];
+- each group has a `scale` and a `bias` in the output dtype; w ≈ scale * q + bias,
+  with q in [0, 2**bits - 1];
 - codes are packed along each row as one continuous little-endian bit stream, lowest bits first,
   stored as uint32 words: (rows, cols * bits / 32). For 2/4/8 bits this is "32/bits codes per word";
   for 3/5/6 bits codes straddle byte (not word) boundaries, exactly as a bit stream.
