@@ -210,8 +210,8 @@ class SafetensorsFile:
             for name, (dtype, shape, _, _) in self._entries.items()
         ]
 
-    def read(self, name: str) -> np.ndarray:
-        """The tensor's data, copied out of the memory map.
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """The tensor's data (or rows [start, stop) of it), copied out of the memory map.
 
         The copy is what keeps streaming memory bounded: the mapped pages are released right after
         (madvise DONTNEED; a read-only file mapping simply refaults them if touched again), so the
@@ -219,9 +219,10 @@ class SafetensorsFile:
 
         Args:
             name: the tensor's name.
+            rows: read only these rows of the first axis, so a large tensor can be streamed.
 
         Returns:
-            A writable array with the stored shape and dtype.
+            A writable array with the stored shape (rows trimmed) and dtype.
 
         Raises:
             KeyError: the file has no tensor of that name.
@@ -230,6 +231,11 @@ class SafetensorsFile:
             dtype, shape, begin, end = self._entries[name]
         except KeyError:
             raise KeyError(f"{self.path}: no tensor named {name!r}") from None
+        if rows is not None and shape:
+            row_bytes = (end - begin) // max(shape[0], 1)
+            start, stop = max(0, rows[0]), min(shape[0], rows[1])
+            begin, end = begin + start * row_bytes, begin + max(stop, start) * row_bytes
+            shape = (max(stop - start, 0), *shape[1:])
         count = (end - begin) // dtype.itemsize
         view = np.frombuffer(self._mmap, dtype=dtype, count=count, offset=begin)
         out = view.reshape(shape).copy()
@@ -348,11 +354,12 @@ class HFCheckpoint:
             if self._owners.get(info.name) is shard
         ]
 
-    def read(self, name: str) -> np.ndarray:
-        """One tensor as a read-only view into its shard's memory map.
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """One tensor (or rows [start, stop) of it), copied out of its shard.
 
         Args:
             name: the tensor's name.
+            rows: read only these rows of the first axis.
 
         Returns:
             The tensor with its stored shape and dtype.
@@ -364,7 +371,7 @@ class HFCheckpoint:
             shard = self._owners[name]
         except KeyError:
             raise KeyError(f"no tensor named {name!r} in the checkpoint") from None
-        return shard.read(name)
+        return shard.read(name, rows)
 
 
 class SafetensorsWriter:

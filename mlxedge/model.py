@@ -31,8 +31,9 @@ class TensorSource(Protocol):
         """Every tensor's name, shape and dtype, in a stable order."""
         ...
 
-    def read(self, name: str) -> np.ndarray:
-        """One tensor as a float numpy array (float32, float16 or ml_dtypes.bfloat16).
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """One tensor (or rows [start, stop) of it) as a float numpy array (float32, float16 or
+        ml_dtypes.bfloat16).
 
         Raises:
             MlxedgeError: the tensor's bytes are missing, truncated or not finite-readable.

@@ -7,6 +7,7 @@ tensor, not the model.
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -21,11 +22,13 @@ from .formats import mlx as mlx_format
 from .model import SourceModel, TensorInfo
 from .quant import backend
 from .quant.recipes import QuantOptions, TensorPlan, plan_tensors
-from .quant.schemes import METHODS, STORAGE_DTYPES, AffineScheme, storage_dtype
+from .quant.schemes import METHODS, STORAGE_DTYPES, AffineScheme, QuantizedTensor, storage_dtype
 
 log = logging.getLogger(__name__)
 
 MAX_SHARD_BYTES = 5 * 2**30
+# Tensors larger than this many weights are read and quantized in blocks of rows.
+BLOCK_WEIGHTS = 1 << 24
 FLOAT32_SOURCE_DEFAULT = "bfloat16"  # the 16-bit dtype a float32 source is written in by default
 
 
@@ -137,8 +140,10 @@ def _stream(
     for plan in plans:
         if plan.role == Role.DROP:
             continue
-        w = source.weights.read(plan.info.name)
-        _check_finite(plan.info, w, source.origin)
+        big = plan.scheme is not None and math.prod(plan.info.shape) > BLOCK_WEIGHTS
+        w = None if big else source.weights.read(plan.info.name)
+        if w is not None:
+            _check_finite(plan.info, w, source.origin)
         row = TensorRow(plan.info.name, plan.info.shape, plan.scheme, _nbytes(plan.info), 0)
         row.note = plan.note
         if plan.scheme is None:
@@ -147,16 +152,44 @@ def _stream(
             report.rows.append(row)
             yield out
         else:
-            qt, err = backend.quantize(w, plan.scheme, dtype, method)
+            qt, err = _quantize_in_blocks(source, plan, w, dtype, method)
             row.bytes_out = qt.weight.nbytes + qt.scales.nbytes + qt.biases.nbytes
             row.rel_rmse, row.max_abs = err.rel_rmse, err.max_abs
             report.rows.append(row)
-            del w
             yield qt.weight
             yield qt.scales
             yield qt.biases
         if on_tensor is not None:
             on_tensor(plan)
+
+
+def _quantize_in_blocks(
+    source: SourceModel, plan: TensorPlan, w: np.ndarray | None, dtype: str, method: str
+) -> tuple[QuantizedTensor, backend.QuantError]:
+    """Quantize one tensor; a large one (w is None) is read and quantized in blocks of rows.
+
+    Quantization works row by row, so blocks give identical bytes while memory holds one block of
+    the source instead of the whole tensor (an embedding of 128K x 2048 is 1 GiB in float32).
+    """
+    if w is not None:
+        return backend.quantize(w, plan.scheme, dtype, method)
+    rows, cols = plan.info.shape
+    step = max(1, BLOCK_WEIGHTS // cols)
+    parts, err = [], None
+    for start in range(0, rows, step):
+        block = source.weights.read(plan.info.name, rows=(start, start + step))
+        _check_finite(plan.info, block, source.origin)
+        qt, e = backend.quantize(block, plan.scheme, dtype, method)
+        del block
+        parts.append(qt)
+        err = e if err is None else err + e
+    joined = QuantizedTensor(
+        np.concatenate([p.weight for p in parts]),
+        np.concatenate([p.scales for p in parts]),
+        np.concatenate([p.biases for p in parts]),
+        plan.scheme,
+    )
+    return joined, err
 
 
 def quantize_to_mlx(

@@ -284,3 +284,17 @@ def test_full_disk_leaves_nothing(tmp_path, monkeypatch):
 def test_options_validate_on_construction():
     with pytest.raises(Exception, match="recipe"):
         QuantOptions(recipe="q4_k_m")
+
+
+@pytest.mark.parametrize("method", ["rtn", "mse"])
+def test_row_blocks_give_identical_bytes(tmp_path, monkeypatch, method):
+    """Large tensors are quantized in blocks of rows; the bytes must not depend on it."""
+    from mlxedge import pipeline
+
+    src = make_tiny_model(tmp_path / "m", "llama", tied=False, dtype="bfloat16")
+    whole, blocks = tmp_path / "whole", tmp_path / "blocks"
+    assert run("quantize", src, "-o", whole, "--method", method).exit_code == 0
+    monkeypatch.setattr(pipeline, "BLOCK_WEIGHTS", 64 * 7)  # 7 rows a block: uneven last block
+    assert run("quantize", src, "-o", blocks, "--method", method).exit_code == 0
+    for name in ("model.safetensors", "README.md", "config.json"):
+        assert (whole / name).read_bytes() == (blocks / name).read_bytes(), name

@@ -154,7 +154,15 @@ class GGUFTensorSource:
             for name, t in self._tensors.items()
         ]
 
-    def read(self, name: str) -> np.ndarray:
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """One tensor (or rows [start, stop) of it) as float32 in Hugging Face layout.
+
+        GGUF blocks are dequantized whole; a row range is cut from the full tensor.
+        """
+        full = self._read_full(name)
+        return full if rows is None else full[rows[0] : rows[1]]
+
+    def _read_full(self, name: str) -> np.ndarray:
         """One tensor dequantized to float32 in Hugging Face layout.
 
         Args:

@@ -25,15 +25,30 @@ except ImportError:  # pragma: no cover - exercised only on a machine without ML
 
 @dataclass(frozen=True)
 class QuantError:
-    """How far the reconstruction is from the weight that was quantized.
+    """How far the reconstruction is from the weight that was quantized (on the sampled rows).
 
     Attributes:
-        rel_rmse: ‖W − Ŵ‖ / ‖W‖ over the whole tensor.
+        sq_err: Σ (W − Ŵ)².
+        sq_ref: Σ W².
         max_abs: largest |W − Ŵ|.
     """
 
-    rel_rmse: float
+    sq_err: float
+    sq_ref: float
     max_abs: float
+
+    @property
+    def rel_rmse(self) -> float:
+        """‖W − Ŵ‖ / ‖W‖."""
+        if self.sq_ref > 0:
+            return (self.sq_err / self.sq_ref) ** 0.5
+        return 0.0 if self.sq_err == 0 else float("inf")
+
+    def __add__(self, other: QuantError) -> QuantError:
+        """The error of two row blocks of one tensor taken together."""
+        return QuantError(
+            self.sq_err + other.sq_err, self.sq_ref + other.sq_ref, max(self.max_abs, other.max_abs)
+        )
 
 
 def _to_mx(a: np.ndarray):
@@ -97,5 +112,4 @@ def sampled_error(qt: QuantizedTensor, w: np.ndarray) -> QuantError:
     diff = schemes.dequantize(sample) - ref
     num, den = float(np.einsum("ij,ij->", diff, diff)), float(np.einsum("ij,ij->", ref, ref))
     worst = float(np.abs(diff).max()) if diff.size else 0.0
-    rel = (num / den) ** 0.5 if den > 0 else (0.0 if num == 0 else float("inf"))
-    return QuantError(rel_rmse=rel, max_abs=worst)
+    return QuantError(sq_err=num, sq_ref=den, max_abs=worst)
