@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import shlex
 import sys
 from pathlib import Path
@@ -187,13 +188,11 @@ def quantize(
         state = {}
 
         def on_plan(plans):
-            total = sum(
-                p.info.shape[0] * (p.info.shape[1] if len(p.info.shape) > 1 else 1) for p in plans
-            )
+            total = sum(math.prod(p.info.shape) for p in plans)
             state["task"] = progress.add_task(f"quantizing {source.name}", total=total)
 
         def on_tensor(plan):
-            n = plan.info.shape[0] * (plan.info.shape[1] if len(plan.info.shape) > 1 else 1)
+            n = math.prod(plan.info.shape)
             progress.advance(state["task"], n)
 
         report = quantize_to_mlx(
