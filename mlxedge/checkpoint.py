@@ -237,8 +237,10 @@ class SafetensorsFile:
             begin, end = begin + start * row_bytes, begin + max(stop, start) * row_bytes
             shape = (max(stop - start, 0), *shape[1:])
         count = (end - begin) // dtype.itemsize
-        view = np.frombuffer(self._mmap, dtype=dtype, count=count, offset=begin)
-        out = view.reshape(shape).copy()
+        # Copied as bytes: numpy releases the GIL for that, so a read-ahead thread really runs
+        # alongside quantization (a bfloat16 copy would hold the GIL).
+        view = np.frombuffer(self._mmap, dtype=np.uint8, count=count * dtype.itemsize, offset=begin)
+        out = view.copy().view(dtype).reshape(shape)
         del view
         start = begin - begin % mmap.PAGESIZE
         if end > start and hasattr(self._mmap, "madvise"):

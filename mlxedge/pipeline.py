@@ -10,6 +10,8 @@ import logging
 import math
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -117,14 +119,79 @@ def default_output_name(source: SourceModel, opts: QuantOptions, method: str) ->
     return name
 
 
+def _non_finite(info: TensorInfo, origin: str) -> MlxedgeError:
+    return MlxedgeError(
+        f"tensor {info.name!r} contains NaN or Inf values",
+        path=origin,
+        fix="the checkpoint is damaged (or was saved after a diverged training step); "
+        "use an intact copy",
+    )
+
+
 def _check_finite(info: TensorInfo, w: np.ndarray, origin: str) -> None:
     if not np.isfinite(w.astype(np.float32, copy=False)).all():
-        raise MlxedgeError(
-            f"tensor {info.name!r} contains NaN or Inf values",
-            path=origin,
-            fix="the checkpoint is damaged (or was saved after a diverged training step); "
-            "use an intact copy",
-        )
+        raise _non_finite(info, origin)
+
+
+@dataclass(frozen=True)
+class _Read:
+    """One read of the stream: a whole tensor, or one block of rows of a large tensor."""
+
+    plan: TensorPlan
+    rows: tuple[int, int] | None
+    last: bool  # the tensor's last block (or the whole tensor)
+
+
+def _reads(plans: list[TensorPlan]) -> Iterator[_Read]:
+    """The reads in output order. Quantization works row by row, so a tensor larger than
+    BLOCK_WEIGHTS is read and quantized in blocks of rows (identical bytes; memory holds one block
+    of the source instead of the whole tensor: an embedding of 128K x 2048 is 1 GiB in float32).
+    """
+    for plan in plans:
+        if plan.role == Role.DROP:
+            continue
+        if plan.scheme is None or math.prod(plan.info.shape) <= BLOCK_WEIGHTS:
+            yield _Read(plan, None, True)
+            continue
+        rows, cols = plan.info.shape
+        step = max(1, BLOCK_WEIGHTS // cols)
+        for start in range(0, rows, step):
+            yield _Read(plan, (start, start + step), start + step >= rows)
+
+
+def _read_ahead(source: SourceModel, reads: Iterator[_Read]) -> Iterator[tuple[_Read, np.ndarray]]:
+    """Each read with its array; the next one is read on a thread while the caller quantizes this
+    one, so reading overlaps computing. Memory holds at most two reads."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlxedge-read")
+    try:
+        pending = None
+        for read in reads:
+            future = pool.submit(source.weights.read, read.plan.info.name, read.rows)
+            if pending is not None:
+                yield pending[0], pending[1].result()
+            pending = (read, future)
+        if pending is not None:
+            yield pending[0], pending[1].result()
+    finally:
+        # Never wait here: if the generator is abandoned, this runs wherever it is finalized.
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _join(parts: list[tuple[QuantizedTensor, backend.QuantError]]):
+    """One tensor from its quantized row blocks."""
+    if len(parts) == 1:
+        return parts[0]
+    qts = [p[0] for p in parts]
+    joined = QuantizedTensor(
+        np.concatenate([q.weight for q in qts]),
+        np.concatenate([q.scales for q in qts]),
+        np.concatenate([q.biases for q in qts]),
+        qts[0].scheme,
+    )
+    err = parts[0][1]
+    for _, e in parts[1:]:
+        err = err + e
+    return joined, err
 
 
 def _stream(
@@ -135,24 +202,33 @@ def _stream(
     report: QuantizeReport,
     on_tensor: Callable[[TensorPlan], None] | None,
 ) -> Iterator[np.ndarray]:
-    """Read, check, quantize and yield each output array in `output_infos` order."""
+    """Read, check, quantize and yield each output array in `output_infos` order.
+
+    The backend checks every weight it quantizes for NaN/Inf as it goes; kept tensors are checked
+    here.
+    """
     out_dtype = storage_dtype(dtype)
-    for plan in plans:
-        if plan.role == Role.DROP:
-            continue
-        big = plan.scheme is not None and math.prod(plan.info.shape) > BLOCK_WEIGHTS
-        w = None if big else source.weights.read(plan.info.name)
-        if w is not None:
-            _check_finite(plan.info, w, source.origin)
+    parts: list[tuple[QuantizedTensor, backend.QuantError]] = []
+    for read, w in _read_ahead(source, _reads(plans)):
+        plan = read.plan
         row = TensorRow(plan.info.name, plan.info.shape, plan.scheme, _nbytes(plan.info), 0)
         row.note = plan.note
         if plan.scheme is None:
+            _check_finite(plan.info, w, source.origin)
             out = np.ascontiguousarray(w.astype(out_dtype, copy=False))
             row.bytes_out = out.nbytes
             report.rows.append(row)
             yield out
         else:
-            qt, err = _quantize_in_blocks(source, plan, w, dtype, method)
+            try:
+                parts.append(backend.quantize(w, plan.scheme, dtype, method))
+            except backend.NonFiniteWeights:
+                raise _non_finite(plan.info, source.origin) from None
+            del w
+            if not read.last:
+                continue
+            qt, err = _join(parts)
+            parts = []
             row.bytes_out = qt.weight.nbytes + qt.scales.nbytes + qt.biases.nbytes
             row.rel_rmse, row.max_abs = err.rel_rmse, err.max_abs
             report.rows.append(row)
@@ -161,35 +237,6 @@ def _stream(
             yield qt.biases
         if on_tensor is not None:
             on_tensor(plan)
-
-
-def _quantize_in_blocks(
-    source: SourceModel, plan: TensorPlan, w: np.ndarray | None, dtype: str, method: str
-) -> tuple[QuantizedTensor, backend.QuantError]:
-    """Quantize one tensor; a large one (w is None) is read and quantized in blocks of rows.
-
-    Quantization works row by row, so blocks give identical bytes while memory holds one block of
-    the source instead of the whole tensor (an embedding of 128K x 2048 is 1 GiB in float32).
-    """
-    if w is not None:
-        return backend.quantize(w, plan.scheme, dtype, method)
-    rows, cols = plan.info.shape
-    step = max(1, BLOCK_WEIGHTS // cols)
-    parts, err = [], None
-    for start in range(0, rows, step):
-        block = source.weights.read(plan.info.name, rows=(start, start + step))
-        _check_finite(plan.info, block, source.origin)
-        qt, e = backend.quantize(block, plan.scheme, dtype, method)
-        del block
-        parts.append(qt)
-        err = e if err is None else err + e
-    joined = QuantizedTensor(
-        np.concatenate([p.weight for p in parts]),
-        np.concatenate([p.scales for p in parts]),
-        np.concatenate([p.biases for p in parts]),
-        plan.scheme,
-    )
-    return joined, err
 
 
 def quantize_to_mlx(
@@ -238,7 +285,10 @@ def quantize_to_mlx(
     if on_plan is not None:
         on_plan(kept)
     log.info(
-        "quantizing %d tensors of %s with %s", len(kept), source.name, backend.active_backend()
+        "quantizing %d tensors of %s with %s",
+        len(kept),
+        source.name,
+        backend.active_backend(method),
     )
     with atomic_output(output, force=force) as tmp:
         # Small files first: a failure in the long tensor loop then costs nothing extra.
@@ -248,13 +298,12 @@ def quantize_to_mlx(
         )
         for name, data in sorted(source.side_files.items()):
             (tmp / name).write_bytes(data)
-        write_checkpoint(
-            tmp,
-            out_infos,
-            _stream(source, kept, dtype, method, report, on_tensor),
-            metadata={"format": "mlx"},
-            max_shard_bytes=MAX_SHARD_BYTES,
-        )
+        # closing(): a failure mid-stream stops the read-ahead thread here, not whenever the
+        # abandoned generator happens to be garbage-collected.
+        with closing(_stream(source, kept, dtype, method, report, on_tensor)) as arrays:
+            write_checkpoint(
+                tmp, out_infos, arrays, metadata={"format": "mlx"}, max_shard_bytes=MAX_SHARD_BYTES
+            )
         errors = [(r.name, r.rel_rmse) for r in report.quantized]
         facts = mlx_format.CardFacts(
             model_name=source.name,

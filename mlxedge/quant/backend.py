@@ -1,19 +1,23 @@
 """Dispatch quantization to the fastest implementation on this machine, same contract everywhere.
 
-Order: MLX ops (Metal on a Mac, MLX's CPU backend elsewhere) → numpy. Every path returns what
-`schemes.quantize` (the specification) returns; tests hold each fast path to it bit for bit.
+Order: the native kernel (`_affine.c`, built at install time; all cores) → MLX ops for rtn (Metal
+on a Mac, MLX's CPU backend elsewhere) → numpy. Every path returns what `schemes.quantize` (the
+specification) returns; tests hold each fast path to it bit for bit.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import ml_dtypes
 import numpy as np
 
+from ..errors import MlxedgeError
 from . import schemes
-from .schemes import AffineScheme, QuantizedTensor
+from .schemes import METHODS, AffineScheme, QuantizedTensor
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +25,22 @@ try:  # MLX is a hard dependency, but a broken install should degrade to numpy, 
     import mlx.core as mx
 except ImportError:  # pragma: no cover - exercised only on a machine without MLX
     mx = None
+
+try:  # optional: the install builds it where a C compiler exists
+    from . import _affine
+except ImportError:  # pragma: no cover - exercised only where the extension did not build
+    _affine = None
+
+# Set MLXEDGE_NATIVE=0 to use MLX ops / numpy even where the native kernel is built.
+NATIVE_ENV = "MLXEDGE_NATIVE"
+
+
+class NonFiniteWeights(ValueError):
+    """The weight holds NaN or Inf (or a value the storage dtype overflows to Inf)."""
+
+    def __init__(self, row: int) -> None:
+        super().__init__(f"non-finite value in row {row}")
+        self.row = row
 
 
 @dataclass(frozen=True)
@@ -65,11 +85,73 @@ def _to_np(a) -> np.ndarray:
     return np.array(a)
 
 
-def active_backend() -> str:
-    """Name of the implementation `quantize` uses for rtn on this machine."""
-    if mx is None:
-        return "numpy"
-    return f"mlx ({mx.default_device()})"
+def native_available() -> bool:
+    """Whether the native kernel is built and not switched off by MLXEDGE_NATIVE=0."""
+    return _affine is not None and os.environ.get(NATIVE_ENV, "1") != "0"
+
+
+def active_backend(method: str = "rtn") -> str:
+    """Name of the implementation `quantize` uses for `method` on this machine."""
+    if native_available():
+        return f"native ({os.cpu_count() or 1} threads)"
+    if mx is not None and method == "rtn":
+        return f"mlx ({mx.default_device()})"
+    return "numpy"
+
+
+_NATIVE_DTYPES = {"float32": 0, "float16": 1, "bfloat16": 2}
+_NATIVE_METHODS = {"rtn": 0, "mse": 1}
+_NATIVE_CHUNK = 1 << 13  # groups per task: small enough to balance, large enough to amortize
+_pool: ThreadPoolExecutor | None = None
+
+
+def _native_quantize(w: np.ndarray, scheme: AffineScheme, dtype: str, method: str):
+    """The native kernel over chunks of groups on every core (it releases the GIL)."""
+    global _pool
+    if w.dtype.name not in _NATIVE_DTYPES:
+        w = w.astype(np.float32)
+    w = np.ascontiguousarray(w)
+    rows, cols = w.shape
+    out_dtype = schemes.storage_dtype(dtype)
+    gs = scheme.group_size
+    n_groups = rows * cols // gs
+    words = gs * scheme.bits // 32  # whole uint32 words per group: chunks never share a word
+    packed = np.empty(n_groups * words, dtype=np.uint32)
+    scales = np.empty(n_groups, dtype=out_dtype)
+    biases = np.empty(n_groups, dtype=out_dtype)
+    raw = w.reshape(-1).view(np.uint16 if w.itemsize == 2 else np.float32)
+    s_raw = scales.view(np.uint16 if out_dtype.itemsize == 2 else np.float32)
+    b_raw = biases.view(s_raw.dtype)
+    codes = (_NATIVE_DTYPES[w.dtype.name], _NATIVE_DTYPES[dtype], scheme.bits, gs)
+
+    def run(start: int) -> int:
+        stop = min(start + _NATIVE_CHUNK, n_groups)
+        bad = _affine.quantize(
+            raw[start * gs : stop * gs],
+            *codes,
+            _NATIVE_METHODS[method],
+            packed[start * words : stop * words],
+            s_raw[start:stop],
+            b_raw[start:stop],
+        )
+        return -1 if bad < 0 else start + bad
+
+    starts = range(0, n_groups, _NATIVE_CHUNK)
+    if len(starts) == 1:
+        bad = [run(0)]
+    else:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
+        bad = list(_pool.map(run, starts))
+    first_bad = min((b for b in bad if b >= 0), default=-1)
+    if first_bad >= 0:
+        raise NonFiniteWeights(first_bad * gs // cols)
+    return QuantizedTensor(
+        packed.reshape(rows, cols * scheme.bits // 32),
+        scales.reshape(rows, cols // gs),
+        biases.reshape(rows, cols // gs),
+        scheme,
+    )
 
 
 # Error statistics are estimated on evenly spaced rows totalling at most this many weights:
@@ -92,9 +174,21 @@ def quantize(
     Returns:
         The packed tensor (identical to `schemes.quantize`) and its error against `w` cast to
         dtype, measured on evenly spaced rows (at most ERROR_SAMPLE weights).
+
+    Raises:
+        NonFiniteWeights: w holds NaN or Inf (checked here, where the native kernel does it for
+            free while reading each group).
     """
+    if method not in schemes.METHODS:
+        raise MlxedgeError(f"method {method!r} is not supported", fix=f"choose one of {METHODS}")
     out_dtype = schemes.storage_dtype(dtype)
+    if native_available() and scheme.fits(w.shape[1]):
+        qt = _native_quantize(np.asarray(w), scheme, dtype, method)
+        return qt, sampled_error(qt, w)
     w = np.asarray(w).astype(out_dtype, copy=False)
+    finite = np.isfinite(w.astype(np.float32, copy=False)).all(axis=1)
+    if not finite.all():
+        raise NonFiniteWeights(int(np.argmin(finite)))
     if mx is not None and method == "rtn":
         q, s, b = mx.quantize(_to_mx(w), group_size=scheme.group_size, bits=scheme.bits)
         qt = QuantizedTensor(_to_np(q), _to_np(s), _to_np(b), scheme)
@@ -108,7 +202,7 @@ def sampled_error(qt: QuantizedTensor, w: np.ndarray) -> QuantError:
     rows, cols = w.shape
     step = max(1, -(-rows * cols // ERROR_SAMPLE))
     sample = QuantizedTensor(qt.weight[::step], qt.scales[::step], qt.biases[::step], qt.scheme)
-    ref = w[::step].astype(np.float32)
+    ref = w[::step].astype(qt.scales.dtype).astype(np.float32)
     diff = schemes.dequantize(sample) - ref
     num, den = float(np.einsum("ij,ij->", diff, diff)), float(np.einsum("ij,ij->", ref, ref))
     worst = float(np.abs(diff).max()) if diff.size else 0.0

@@ -139,10 +139,31 @@ def codes_for(groups: np.ndarray, scale: np.ndarray, bias: np.ndarray, levels: i
     return np.clip(q, 0, levels)
 
 
+def _codes_mul(groups: np.ndarray, inv_scale: np.ndarray, bias: np.ndarray, levels: int):
+    """`codes_for` with the reciprocal of the scale: the search's form (a multiply per weight)."""
+    q = np.rint((groups - bias[:, None]) * inv_scale[:, None])
+    return np.clip(q, 0, levels)
+
+
+def _lane_sum(x: np.ndarray) -> np.ndarray:
+    """float32 sum of each row of x (G, n) in a fixed order: eight interleaved partial sums.
+
+    Element i goes to lane i % 8, lanes combine as ((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7)). The
+    native kernel sums in exactly this order (it is what SIMD does well), which is what makes the
+    two bit-identical; numpy's own reductions use an order of their own.
+    """
+    lanes = x.reshape(len(x), -1, 8)
+    acc = np.zeros((len(x), 8), dtype=np.float32)
+    for k in range(lanes.shape[1]):
+        acc += lanes[:, k]
+    a4 = acc[:, :4] + acc[:, 4:]
+    return (a4[:, 0] + a4[:, 2]) + (a4[:, 1] + a4[:, 3])
+
+
 def group_error(groups: np.ndarray, q: np.ndarray, scale: np.ndarray, bias: np.ndarray):
     """Sum of squared reconstruction error per group, float32 (G,)."""
-    r = q * scale[:, None] + bias[:, None] - groups
-    return np.einsum("gi,gi->g", r, r)
+    r = (q * scale[:, None] + bias[:, None]) - groups
+    return _lane_sum(r * r)
 
 
 def rtn_params(groups: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray]:
@@ -171,22 +192,28 @@ def _round_to(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return x.astype(dtype).astype(np.float32)
 
 
-def _lsq_params(groups: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _lsq_params(
+    groups: np.ndarray, q: np.ndarray, sw: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Least-squares scale and bias for fixed codes: min Σ (s q + b − w)² per group.
 
-    Returns (scale, bias, ok) where ok is False for groups whose codes are all equal (singular).
+    Sums of codes are exact integers (the determinant too: at most 128 * 128 * 255² < 2³¹), so a
+    near-constant group cannot lose its determinant to float32 cancellation. `sw` is the group's
+    own `_lane_sum`. Returns (scale, bias, ok) where ok is False for groups whose codes are all
+    equal (singular).
     """
-    n = np.float32(groups.shape[1])
-    sq = q.sum(axis=1)
-    sqq = np.einsum("gi,gi->g", q, q)
-    sw = groups.sum(axis=1)
-    sqw = np.einsum("gi,gi->g", q, groups)
+    n = groups.shape[1]
+    qi = q.astype(np.int64)
+    sq = qi.sum(axis=1)
+    sqq = (qi * qi).sum(axis=1)
+    sqw = _lane_sum(q * groups)
     det = n * sqq - sq * sq
     ok = det > 0
-    safe = np.where(ok, det, 1)
-    scale = (n * sqw - sq * sw) / safe
-    bias = (sqq * sw - sq * sqw) / safe
-    return scale.astype(np.float32), bias.astype(np.float32), ok
+    detf = np.where(ok, det, 1).astype(np.float32)
+    sqf, sqqf = sq.astype(np.float32), sqq.astype(np.float32)
+    scale = (np.float32(n) * sqw - sqf * sw) / detf
+    bias = (sqqf * sw - sqf * sqw) / detf
+    return scale, bias, ok
 
 
 # Candidate ranges for the squared-error search: the group's [min, max] is shrunk towards its
@@ -195,10 +222,15 @@ def _lsq_params(groups: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarr
 # 3 and 4 bits a 7x7 grid of fractions (0..0.2) lowered squared error only 1-2% more than this 3x3
 # grid, at three times the cost.
 _SHRINK = np.array([0.0, 0.05, 0.12], dtype=np.float32)
+_ONE = np.float32(1)
 
 
 def _mse_chunk(groups: np.ndarray, scheme: AffineScheme, dtype: np.dtype):
-    """Squared-error search for one chunk of groups; see `quantize` for the contract."""
+    """Squared-error search for one chunk of groups; see `quantize` for the contract.
+
+    The native kernel (`_affine.c`, `mse_search`) performs these same float32 operations in the
+    same order; keep the two in step.
+    """
     levels = scheme.levels
     # Candidate 0 is MLX's rule itself, judged with its stored (rounded) scale and bias and its own
     # codes: the search can only replace it by something strictly better, so mse <= rtn per group.
@@ -210,20 +242,20 @@ def _mse_chunk(groups: np.ndarray, scheme: AffineScheme, dtype: np.dtype):
     w_min = groups.min(axis=1)
     w_max = groups.max(axis=1)
     span = w_max - w_min
+    sw = _lane_sum(groups)
     for lo_cut in _SHRINK:
         for hi_cut in _SHRINK:
             lo = w_min + lo_cut * span
             hi = w_max - hi_cut * span
             scale = np.maximum((hi - lo) / np.float32(levels), _EPS)
-            q = codes_for(groups, scale, lo, levels)
+            q = _codes_mul(groups, _ONE / scale, lo, levels)
             # Refit scale and bias to these codes, then round them to storage and re-assign codes
             # with the rounded values: what a reader will reconstruct is what we score.
-            ls, lb, ok = _lsq_params(groups, q)
+            ls, lb, ok = _lsq_params(groups, q, sw)
             s = _round_to(np.where(ok, ls, scale), dtype)
             b = _round_to(np.where(ok, lb, lo), dtype)
             s = np.where(s == 0, _round_to(scale, dtype), s)
-            s = np.where(s == 0, _EPS, s)
-            q = codes_for(groups, s, b, levels)
+            q = _codes_mul(groups, _ONE / s, b, levels)
             err = group_error(groups, q, s, b)
             better = err < best_err
             if better.any():
