@@ -311,3 +311,201 @@ def inspect(path):
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+
+
+def _eval_progress():
+    """A rich progress bar driven by the harness's (label, done, total) callback."""
+    bar = _progress()
+    tasks: dict[str, int] = {}
+
+    def update(label: str, done: int, total: int) -> None:
+        if label not in tasks:
+            tasks[label] = bar.add_task(label, total=total)
+        bar.update(tasks[label], completed=done)
+
+    return bar, update
+
+
+def _fmt(x: float | None, digits: int = 4) -> str:
+    return "—" if x is None else f"{x:.{digits}g}"
+
+
+@main.command("eval")
+@click.argument("candidate")
+@click.option("--reference", "reference", help="MODEL to compare with (KL divergence, top-1).")
+@click.option("--text", "text_spec", help="UTF-8 text file, or `anchors` / `choice` (see README).")
+@click.option("--ctx", default=512, show_default=True, help="Window length in tokens.")
+@click.option(
+    "--windows",
+    "max_windows",
+    type=int,
+    default=8,
+    show_default=True,
+    help="Evaluate at most this many windows (0: the whole text).",
+)
+@click.option(
+    "--backend",
+    type=click.Choice(["reference", "mlx"]),
+    default="reference",
+    show_default=True,
+    help="Where the candidate runs.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def eval_(candidate, reference, text_spec, ctx, max_windows, backend, as_json):
+    """Perplexity of CANDIDATE on a text, and its KL divergence from a reference model.
+
+    CANDIDATE is an MLX folder or any MODEL. The protocol is llama.cpp's perplexity tool's:
+    non-overlapping windows of --ctx tokens, predictions from the middle of each window scored.
+    """
+    import json as json_
+
+    from .crosscheck import evaluate
+    from .runtime.artifact import open_model
+    from .texts import load_text
+
+    if ctx < 16:
+        raise MlxedgeError(f"--ctx {ctx} is too small", fix="use at least 16 (default 512)")
+    text = load_text(text_spec)
+    cand = open_model(candidate)
+    ref = open_model(reference) if reference else None
+    bar, update = _eval_progress()
+    with bar:
+        result = evaluate(cand, ref, text, ctx, max_windows or None, backend, update)
+    if as_json:
+        click.echo(json_.dumps(result, indent=2))
+        return
+    table = Table(
+        title=f"{result['model']} on {result['backend']} ({result['device']})", title_justify="left"
+    )
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    rows = [
+        ("text", result["text"]),
+        ("protocol", result["protocol"]),
+        ("tokens scored", str(result["tokens"])),
+        ("perplexity", _fmt(result["ppl"], 5)),
+    ]
+    if ref is not None:
+        rows += [
+            ("reference", result["reference"]),
+            ("reference perplexity", _fmt(result["ref_ppl"], 5)),
+            ("KL mean", _fmt(result["kl_mean"])),
+            ("KL median", _fmt(result["kl_median"])),
+            ("KL 99th percentile", _fmt(result["kl_p99"])),
+            ("KL max", _fmt(result["kl_max"])),
+            ("top-1 agreement", f"{100 * result['top1']:.2f}%"),
+            ("max |logit difference|", _fmt(result["max_abs_logit"])),
+        ]
+    for k, v in rows:
+        table.add_row(k, v)
+    out.print(table)
+
+
+@main.command()
+@click.argument("artifacts", nargs=-1, required=True)
+@click.option("--reference", required=True, help="The original MODEL the artifacts came from.")
+@click.option(
+    "--backends",
+    default="reference,mlx",
+    show_default=True,
+    help="Comma-separated backends to run each artifact on.",
+)
+@click.option(
+    "--max-kl",
+    type=float,
+    default=None,
+    help="Quality gate: largest mean KL divergence from the reference "
+    "(default: by bit width, see README).",
+)
+@click.option("--text", "text_spec", help="UTF-8 text file, or `anchors` / `choice`.")
+@click.option("--ctx", default=512, show_default=True, help="Window length in tokens.")
+@click.option(
+    "--windows",
+    "max_windows",
+    type=int,
+    default=4,
+    show_default=True,
+    help="Windows per run of the full protocol (0: the whole text).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+def crosscheck(artifacts, reference, backends, max_kl, text_spec, ctx, max_windows, as_json):
+    """Run every ARTIFACT on every backend and gate fidelity and quality.
+
+    Fidelity: each backend against the numpy reference run on the artifact's own weights.
+    Quality: against the original model (--reference), mean KL at most --max-kl.
+    Exit code 1 when any gate fails (skipped backends do not fail).
+    """
+    import dataclasses
+    import json as json_
+
+    from .crosscheck import crosscheck as run_crosscheck
+    from .runtime import BACKENDS
+    from .runtime.artifact import open_model
+    from .texts import load_text
+
+    names = tuple(b.strip() for b in backends.split(",") if b.strip())
+    unknown = [b for b in names if b not in BACKENDS]
+    if unknown or not names:
+        raise MlxedgeError(
+            f"unknown backend {unknown[0] if unknown else '(none)'}",
+            fix=f"choose from {', '.join(BACKENDS)}",
+        )
+    text = load_text(text_spec)
+    ref = open_model(reference)
+    arts = [open_model(a) for a in artifacts]
+    bar, update = _eval_progress()
+    with bar:
+        rows = run_crosscheck(arts, ref, text, names, ctx, max_windows or None, max_kl, update)
+    if as_json:
+        click.echo(
+            json_.dumps([dataclasses.asdict(r) | {"passed": r.passed} for r in rows], indent=2)
+        )
+    else:
+        table = Table(title=f"cross-check against {ref.name} on {text.name}", title_justify="left")
+        for col in (
+            "artifact",
+            "backend",
+            "device",
+            "tokens",
+            "fidelity",
+            "mean KL",
+            "ppl",
+            "top-1",
+            "result",
+        ):
+            table.add_column(
+                col,
+                justify="left"
+                if col in ("artifact", "backend", "device", "fidelity", "result")
+                else "right",
+            )
+        for r in rows:
+            if r.skipped:
+                table.add_row(
+                    r.artifact, r.backend, "—", "—", "—", "—", "—", "—", f"skipped: {r.skipped}"
+                )
+                continue
+            fid = (
+                "yardstick"
+                if not r.fidelity
+                else f"max|d| {r.fidelity['max_abs_logit']:.2g}, KL {r.fidelity['kl_mean']:.2g}"
+                f" ({'ok' if r.fidelity_ok else 'FAIL'}: {r.fidelity_limit})"
+            )
+            q = r.quality
+            result = "pass" if r.passed else ("FAIL quality" if r.fidelity_ok else "FAIL fidelity")
+            table.add_row(
+                r.artifact,
+                r.backend,
+                r.device,
+                str(q["tokens"]),
+                fid,
+                f"{q['kl_mean']:.4f} (<= {r.max_kl:g})",
+                f"{q['ppl']:.3f}",
+                f"{100 * q['top1']:.1f}%",
+                result,
+            )
+        out.print(table)
+        for proto in sorted({r.protocol for r in rows if r.protocol}):
+            out.print(f"protocol: {proto}")
+    if not all(r.passed for r in rows):
+        sys.exit(1)

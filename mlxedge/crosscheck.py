@@ -1,0 +1,287 @@
+"""Run models on backends, compare their next-token predictions, report.
+
+Two questions, two gates:
+- fidelity: does a backend compute what the artifact's weights say? Each backend against the numpy
+  reference run on the artifact's own (dequantized) weights, with the backend's tolerance. This
+  catches runtime and format bugs.
+- quality: is the artifact still the model? The backend against the original model, mean KL
+  divergence at most `max_kl` (default per bit width, `DEFAULT_MAX_KL`). This catches a damaged
+  artifact.
+
+The protocol is llama.cpp's perplexity tool's, so figures are comparable with its own: windows of
+`ctx` tokens, non-overlapping, and in each the predictions from position ctx/2 on are scored (255
+per window of 512). A backend with a token budget (MLX's CPU backend) runs only the first window's
+first `budget` tokens and scores every prediction in it; reports say which protocol a row used.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import MlxedgeError
+from .metrics import TokenStats
+from .runtime import BackendUnavailable, Tolerance, make_backend
+from .runtime.artifact import RunnableModel
+from .runtime.reference import ReferenceBackend
+from .texts import Text, tokenize, windows
+
+# Mean KL ceilings of the quality gate by bit width, set from the quality table's choice-text
+# columns (bench/RESULTS.md): about twice the worst mean KL our quantizer measured at that width
+# (group size 128, either method), so a sound artifact passes and a damaged one does not.
+DEFAULT_MAX_KL = {2: 12.0, 3: 3.0, 4: 0.8, 5: 0.25, 6: 0.08, 8: 0.02}
+FLOAT_MAX_KL = (
+    0.01  # an unquantized artifact (or a format conversion) should change next to nothing
+)
+
+Progress = Callable[[str, int, int], None]
+
+
+def default_max_kl(bits: int | None) -> float:
+    """The quality gate's default ceiling for an artifact of this bit width."""
+    if bits is None:
+        return FLOAT_MAX_KL
+    fitting = [b for b in DEFAULT_MAX_KL if b <= bits]
+    return DEFAULT_MAX_KL[max(fitting)] if fitting else max(DEFAULT_MAX_KL.values())
+
+
+def bos_id(model: RunnableModel) -> int | None:
+    """The BOS id when the model's tokenizer adds one (placed at each window's start)."""
+    cfg = model.tokenizer_config
+    if not cfg.get("add_bos_token"):
+        return None
+    token = cfg.get("bos_token")
+    if isinstance(token, dict):
+        token = token.get("content")
+    if model.tokenizer_json is None or not token:
+        return model.config.get("bos_token_id")
+    vocab = json.loads(model.tokenizer_json)["model"]["vocab"]
+    added = {
+        t["content"]: t["id"] for t in json.loads(model.tokenizer_json).get("added_tokens", [])
+    }
+    return added.get(token, vocab.get(token) if isinstance(vocab, dict) else None)
+
+
+def _vocab(model: RunnableModel) -> dict[str, int] | None:
+    if model.tokenizer_json is None:
+        return None
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_str(model.tokenizer_json.decode("utf-8")).get_vocab()
+
+
+def check_same_vocabulary(candidate: RunnableModel, reference: RunnableModel) -> None:
+    """Refuse to compare models whose token ids mean different things."""
+    cv, rv = _vocab(candidate), _vocab(reference)
+    same = (cv is None or rv is None or cv == rv) and int(candidate.config["vocab_size"]) == int(
+        reference.config["vocab_size"]
+    )
+    if not same:
+        raise MlxedgeError(
+            f"{candidate.name} has another vocabulary than the reference {reference.name}",
+            path=candidate.name,
+            fix="compare a model with a quantized or converted copy of itself",
+        )
+
+
+@dataclass
+class Protocol:
+    """Which tokens a run sees and which predictions it scores."""
+
+    sequences: np.ndarray  # (n, length) token ids
+    first: int  # first scored position in each sequence
+    description: str
+
+    def targets(self, i: int) -> np.ndarray:
+        return self.sequences[i, self.first + 1 :]
+
+
+def full_protocol(ids: list[int], ctx: int, bos: int | None, max_windows: int | None, text: Text):
+    seqs = windows(ids, ctx, bos, max_windows, text.name)
+    first = ctx // 2
+    desc = f"{len(seqs)} windows of {ctx}, predictions {first}-{ctx - 2} scored"
+    return Protocol(seqs, first, desc)
+
+
+def budget_protocol(ids: list[int], budget: int, bos: int | None, text: Text) -> Protocol:
+    if len(ids) < budget:
+        raise MlxedgeError(
+            f"the text has {len(ids)} tokens, fewer than {budget}",
+            path=text.name,
+            fix="use a longer text",
+        )
+    seq = np.asarray(ids[:budget], dtype=np.int64)[None, :].copy()
+    if bos is not None:
+        seq[0, 0] = bos
+    return Protocol(seq, 0, f"first {budget} tokens, every prediction after the first scored")
+
+
+class _Memo:
+    """Logits of one backend, remembered per (protocol, sequence): the original model's logits
+    are needed once per window however many artifacts and backends are compared with it."""
+
+    def __init__(self, backend) -> None:
+        self.backend = backend
+        self._cache: dict[tuple[int, int], np.ndarray] = {}
+
+    def logits(self, protocol: Protocol, i: int) -> np.ndarray:
+        key = (id(protocol), i)
+        if key not in self._cache:
+            out = self.backend.logits(protocol.sequences[i], protocol.first)
+            self._cache[key] = out[:-1]  # the last position has no next token in the sequence
+        return self._cache[key]
+
+
+def _score(
+    run: _Memo, protocol: Protocol, against: _Memo | None, label: str, progress: Progress | None
+) -> TokenStats:
+    stats = TokenStats()
+    n = len(protocol.sequences)
+    for i in range(n):
+        if progress is not None:
+            progress(label, i, n)
+        ref = against.logits(protocol, i) if against is not None else None
+        stats.add(run.logits(protocol, i), protocol.targets(i), ref)
+    if progress is not None:
+        progress(label, n, n)
+    return stats
+
+
+def evaluate(
+    candidate: RunnableModel,
+    reference: RunnableModel | None,
+    text: Text,
+    ctx: int = 512,
+    max_windows: int | None = None,
+    backend: str = "reference",
+    progress: Progress | None = None,
+) -> dict:
+    """Perplexity of `candidate` on `text` and, with a reference, KL divergence and agreement.
+
+    Returns:
+        A dict: model, reference, backend, device, text, protocol, and `TokenStats.summary()`.
+    """
+    if reference is not None:
+        check_same_vocabulary(candidate, reference)
+    tok_model = reference or candidate
+    if tok_model.tokenizer_json is None:
+        raise MlxedgeError(
+            "the model has no tokenizer.json to tokenize the text with",
+            path=tok_model.name,
+            fix="pass a model folder that includes its tokenizer",
+        )
+    try:
+        run = make_backend(backend, candidate)
+    except BackendUnavailable as e:
+        raise MlxedgeError(f"the {backend} backend cannot run here: {e}") from None
+    ids = tokenize(text, tok_model.tokenizer_json, tok_model.name)
+    bos = bos_id(tok_model)
+    if run.token_budget is not None and run.token_budget < ctx:
+        protocol = budget_protocol(ids, run.token_budget, bos, text)
+    else:
+        protocol = full_protocol(ids, ctx, bos, max_windows, text)
+    against = _Memo(ReferenceBackend(reference)) if reference is not None else None
+    stats = _score(_Memo(run), protocol, against, candidate.name, progress)
+    return {
+        "model": candidate.name,
+        "reference": reference.name if reference is not None else None,
+        "backend": run.name,
+        "device": run.device,
+        "text": text.name,
+        "protocol": protocol.description,
+        **stats.summary(),
+    }
+
+
+@dataclass
+class CrossRow:
+    """One (artifact, backend) line of a cross-check."""
+
+    artifact: str
+    backend: str
+    device: str = ""
+    protocol: str = ""
+    skipped: str | None = None
+    fidelity: dict = field(default_factory=dict)
+    quality: dict = field(default_factory=dict)
+    fidelity_limit: str = ""
+    max_kl: float = 0.0
+    fidelity_ok: bool | None = None
+    quality_ok: bool | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.skipped is not None or bool(self.fidelity_ok and self.quality_ok)
+
+
+def _fidelity_ok(stats: dict, tol: Tolerance | None) -> tuple[bool, str]:
+    if tol is None:
+        return True, "yardstick"
+    ok, limits = True, []
+    if tol.max_abs_logit is not None:
+        ok &= stats["max_abs_logit"] <= tol.max_abs_logit
+        limits.append(f"max|dlogit| <= {tol.max_abs_logit:g}")
+    if tol.kl_mean is not None:
+        ok &= stats["kl_mean"] <= tol.kl_mean
+        limits.append(f"mean KL <= {tol.kl_mean:g}")
+    return bool(ok), ", ".join(limits)
+
+
+def crosscheck(
+    artifacts: list[RunnableModel],
+    reference: RunnableModel,
+    text: Text,
+    backends: tuple[str, ...] = ("reference", "mlx"),
+    ctx: int = 512,
+    max_windows: int | None = 8,
+    max_kl: float | None = None,
+    progress: Progress | None = None,
+) -> list[CrossRow]:
+    """Every artifact on every backend: fidelity and quality gates (see the module doc)."""
+    if reference.tokenizer_json is None:
+        raise MlxedgeError(
+            "the reference has no tokenizer.json to tokenize the text with",
+            path=reference.name,
+            fix="pass the original model's folder, a .gguf file or a Hub id",
+        )
+    for art in artifacts:
+        check_same_vocabulary(art, reference)
+    ids = tokenize(text, reference.tokenizer_json, reference.name)
+    bos = bos_id(reference)
+    protocols: dict[int | None, Protocol] = {}
+    original = _Memo(ReferenceBackend(reference))
+    rows = []
+    for art in artifacts:
+        own = _Memo(ReferenceBackend(art))  # the yardstick of fidelity: same weights, numpy
+        limit = max_kl if max_kl is not None else default_max_kl(art.bits)
+        for name in backends:
+            row = CrossRow(art.name, name, max_kl=limit)
+            rows.append(row)
+            try:
+                run = own.backend if name == "reference" else make_backend(name, art)
+            except BackendUnavailable as e:
+                row.skipped = str(e)
+                continue
+            budget = run.token_budget if run.token_budget and run.token_budget < ctx else None
+            if budget not in protocols:
+                protocols[budget] = (
+                    budget_protocol(ids, budget, bos, text)
+                    if budget
+                    else full_protocol(ids, ctx, bos, max_windows, text)
+                )
+            protocol = protocols[budget]
+            row.device, row.protocol = run.device, protocol.description
+            memo = own if name == "reference" else _Memo(run)
+            label = f"{art.name} on {name}"
+            if name != "reference":
+                row.fidelity = _score(memo, protocol, own, label + " vs its weights", progress)
+                row.fidelity = row.fidelity.summary()
+            row.fidelity_ok, row.fidelity_limit = _fidelity_ok(row.fidelity, run.tolerance)
+            row.quality = _score(memo, protocol, original, label + " vs original", progress)
+            row.quality = row.quality.summary()
+            row.quality_ok = row.quality["kl_mean"] <= limit
+        del own
+    return rows

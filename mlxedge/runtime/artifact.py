@@ -1,0 +1,141 @@
+"""Open anything the harness can run: an MLX folder we (or mlx-lm) wrote, or any model `quantize`
+accepts (a Hugging Face folder, a Hub id, a .gguf file, `smollm2`).
+
+An MLX folder's quantized tensors are presented dequantized to float32 (scales and biases cast to
+float32 before the product, as MLX computes), so the numpy reference runs an artifact's own
+weights exactly as they are stored.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..checkpoint import HFCheckpoint
+from ..errors import MlxedgeError
+from ..model import TensorInfo, TensorSource
+from ..quant.schemes import AffineScheme, QuantizedTensor, dequantize
+
+
+@dataclass
+class RunnableModel:
+    """A model with what every backend needs.
+
+    Attributes:
+        name: display name (the folder or file name, or the built-in name).
+        kind: "mlx" (an MLX folder, quantized or not), "hf", "gguf" or "builtin".
+        config: config.json contents.
+        weights: float tensors under Hugging Face names (dequantized for a quantized MLX folder).
+        tokenizer_json: the tokenizer.json bytes, when the model has one.
+        tokenizer_config: tokenizer_config.json contents ({} when absent).
+        folder: the folder mlx-lm can load, when there is one.
+        bits: the quantization's bit width (the default one of a mixed recipe), None when float.
+    """
+
+    name: str
+    kind: str
+    config: dict
+    weights: TensorSource
+    tokenizer_json: bytes | None = None
+    tokenizer_config: dict = field(default_factory=dict)
+    folder: Path | None = None
+    bits: int | None = None
+
+
+class DequantizedMLX:
+    """The tensors of a quantized MLX folder, with every quantized weight dequantized on read."""
+
+    def __init__(self, checkpoint: HFCheckpoint, quantization: dict, where: Path) -> None:
+        self._ckpt = checkpoint
+        self._where = where
+        raw = {i.name: i for i in checkpoint.infos()}
+        self._schemes: dict[str, AffineScheme] = {}
+        infos = []
+        for name, info in raw.items():
+            module = name.rsplit(".", 1)[0]
+            quantized = module + ".scales" in raw
+            if quantized and name.endswith((".scales", ".biases")):
+                continue  # folded into the weight
+            if quantized and name.endswith(".weight"):
+                scheme = self._scheme(module, quantization)
+                rows, packed = info.shape
+                infos.append(TensorInfo(name, (rows, packed * 32 // scheme.bits), "float32"))
+                self._schemes[name] = scheme
+            else:
+                infos.append(info)
+        self._infos = infos
+
+    def _scheme(self, module: str, quantization: dict) -> AffineScheme:
+        entry = quantization.get(module)
+        if isinstance(entry, dict):
+            return AffineScheme(int(entry["bits"]), int(entry["group_size"]))
+        return AffineScheme(int(quantization["bits"]), int(quantization["group_size"]))
+
+    def infos(self) -> list[TensorInfo]:
+        return list(self._infos)
+
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        scheme = self._schemes.get(name)
+        if scheme is None:
+            return self._ckpt.read(name, rows)
+        module = name[: -len(".weight")]
+        qt = QuantizedTensor(
+            self._ckpt.read(name, rows).view(np.uint32),
+            self._ckpt.read(module + ".scales", rows),
+            self._ckpt.read(module + ".biases", rows),
+            scheme,
+        )
+        return dequantize(qt)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MlxedgeError(f"not valid JSON ({e})", path=path) from None
+    if not isinstance(data, dict):
+        raise MlxedgeError("not a JSON object", path=path)
+    return data
+
+
+def open_model(spec: str, revision: str | None = None) -> RunnableModel:
+    """Open MODEL (an MLX folder, or anything `mlxedge quantize` accepts) for running.
+
+    Raises:
+        MlxedgeError: what `source.resolve` raises, or an MLX folder without its weights.
+    """
+    path = Path(spec).expanduser()
+    config = _read_json(path / "config.json") if path.is_dir() else {}
+    if path.is_dir() and "quantization" in config:
+        quantization = config["quantization"]
+        weights = DequantizedMLX(HFCheckpoint.from_folder(path), quantization, path)
+        tok = path / "tokenizer.json"
+        return RunnableModel(
+            name=path.name,
+            kind="mlx",
+            config=config,
+            weights=weights,
+            tokenizer_json=tok.read_bytes() if tok.is_file() else None,
+            tokenizer_config=_read_json(path / "tokenizer_config.json"),
+            folder=path,
+            bits=int(quantization.get("bits", 0)) or None,
+        )
+    from ..source import resolve
+
+    source = resolve(spec, revision)
+    kind = "gguf" if path.suffix.lower() == ".gguf" else ("hf" if path.is_dir() else "builtin")
+    tok_config = source.side_files.get("tokenizer_config.json")
+    return RunnableModel(
+        name=source.name,
+        kind=kind,
+        config=source.config,
+        weights=source.weights,
+        tokenizer_json=source.side_files.get("tokenizer.json"),
+        tokenizer_config=json.loads(tok_config) if tok_config else {},
+        folder=path if path.is_dir() else None,
+    )
