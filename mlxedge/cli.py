@@ -106,7 +106,7 @@ def _card_command(model: str, opts: dict) -> str:
 )
 @click.option(
     "--method",
-    type=click.Choice(["rtn", "mse"]),
+    type=click.Choice(["rtn", "mse", "mse-zero"]),
     default="rtn",
     show_default=True,
     help="rtn: MLX's rounding (bit-exact with mx.quantize). "
@@ -509,3 +509,76 @@ def crosscheck(artifacts, reference, backends, max_kl, text_spec, ctx, max_windo
             out.print(f"protocol: {proto}")
     if not all(r.passed for r in rows):
         sys.exit(1)
+
+
+@main.command()
+@click.argument("model")
+@click.option("--memory", required=True, help="Budget for weights + KV cache, e.g. 8GB (GB = GiB).")
+@click.option(
+    "--context",
+    default=4096,
+    show_default=True,
+    help="Context length the KV cache is sized for (float16).",
+)
+@click.option(
+    "--method",
+    type=click.Choice(["rtn", "mse", "mse-zero"]),
+    default=None,
+    help="Only this method (default: the better measured one per setting).",
+)
+@click.option("--top", default=10, show_default=True, help="Show this many settings.")
+@click.option("--revision", help="Hub revision (Hub ids only; only config.json is fetched).")
+@click.option("--json", "as_json", is_flag=True, help="Print the settings as JSON.")
+def recommend(model, memory, context, method, top, revision, as_json):
+    """Settings of MODEL whose weights and KV cache fit --memory, best quality first.
+
+    Quality is the mean KL divergence measured on SmolLM2 (bench/quality.py, choice text), or
+    interpolated where not measured; a larger model loses less at the same setting.
+    """
+    from .recommend import model_config, parse_memory
+    from .recommend import recommend as rank
+
+    budget = parse_memory(memory)
+    name, config = model_config(model, revision)
+    choices = rank(config, budget, context, method)
+    if not choices:
+        raise MlxedgeError(
+            f"no setting of {name} fits {memory} with a {context}-token KV cache",
+            fix="raise --memory, lower --context, or pick a smaller model",
+        )
+    gib = 2**30
+    table = Table(
+        title=f"{name} in {budget / gib:.1f} GiB with {context} tokens of context "
+        f"(KV cache {choices[0].kv_bytes / gib:.2f} GiB)",
+        title_justify="left",
+    )
+    for col in (
+        "bits",
+        "group",
+        "recipe",
+        "method",
+        "weights GiB",
+        "total GiB",
+        "mean KL",
+        "command",
+    ):
+        table.add_column(
+            col,
+            justify="right"
+            if col in ("bits", "group", "weights GiB", "total GiB", "mean KL")
+            else "left",
+        )
+    for c in choices[:top]:
+        kl = "—" if c.kl is None else f"{c.kl:.3g}" + ("" if c.measured else " (est.)")
+        table.add_row(
+            str(c.bits),
+            str(c.group_size),
+            c.recipe,
+            c.method,
+            f"{c.weights_bytes / gib:.2f}",
+            f"{c.total_bytes / gib:.2f}",
+            kl,
+            c.command(model),
+        )
+    out.print(table)
+    out.print("mean KL: measured on SmolLM2-135M (bench/RESULTS.md); larger models lose less.")

@@ -256,7 +256,7 @@ def quantize_to_mlx(
         source: the model (see `source.resolve`).
         output: the folder to create; it must not exist unless `force`.
         opts: bits, group size, recipe, embedding settings and overrides.
-        method: "rtn" (MLX's rounding, bit-exact with `mx.quantize`) or "mse".
+        method: "rtn" (MLX's rounding, bit-exact with `mx.quantize`), "mse" or "mse-zero".
         dtype: storage dtype of scales, biases and float tensors; None for `default_dtype`.
         force: replace an existing output.
         command: the command line to state in the model card (no absolute paths).

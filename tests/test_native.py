@@ -45,7 +45,7 @@ def assert_same(a: schemes.QuantizedTensor, b: schemes.QuantizedTensor) -> None:
     np.testing.assert_array_equal(a.biases.view(np.uint8), b.biases.view(np.uint8))
 
 
-@pytest.mark.parametrize("method", ["rtn", "mse"])
+@pytest.mark.parametrize("method", ["rtn", "mse", "mse-zero"])
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("source", ["float32", "float16", "bfloat16"])
 def test_native_equals_the_specification(method, dtype, source):
@@ -79,7 +79,7 @@ def test_chunks_on_threads_give_the_specifications_bytes(monkeypatch):
     w = hard_weights(rng, 37, 320).astype(ml_dtypes.bfloat16)
     for bits in (3, 4, 6):
         scheme = AffineScheme(bits, 32)
-        for method in ("rtn", "mse"):
+        for method in ("rtn", "mse", "mse-zero"):
             spec = schemes.quantize(w, scheme, "bfloat16", method)
             assert_same(backend._native_quantize(w, scheme, "bfloat16", method), spec)
 
@@ -113,7 +113,7 @@ def test_switching_the_kernel_off_gives_the_same_bytes(monkeypatch):
     rng = np.random.default_rng(3)
     w = hard_weights(rng, 40, 256).astype(ml_dtypes.bfloat16)
     scheme = AffineScheme(4, 64)
-    for method in ("rtn", "mse"):
+    for method in ("rtn", "mse", "mse-zero"):
         native, err_native = backend.quantize(w, scheme, "bfloat16", method)
         monkeypatch.setenv(backend.NATIVE_ENV, "0")
         assert not backend.native_available()

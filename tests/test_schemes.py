@@ -118,17 +118,37 @@ def _group_sse(w: np.ndarray, qt) -> np.ndarray:
     return ((rec - ref) ** 2).sum(axis=1)
 
 
+@pytest.mark.parametrize("method", ["mse", "mse-zero"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 @pytest.mark.parametrize("bits", SUPPORTED_BITS)
-def test_mse_is_never_worse_than_rtn_on_any_group(bits, dtype):
+def test_searches_are_never_worse_than_rtn_on_any_group(bits, dtype, method):
     rng = np.random.default_rng(bits)
     scheme = AffineScheme(bits, 64)
     w = _awkward_weight(rng, 64, 256, 64)
     w = w.astype(schemes.storage_dtype(dtype)).astype(np.float32)
     rtn = _group_sse(w, schemes.quantize(w, scheme, dtype, "rtn"))
-    mse = _group_sse(w, schemes.quantize(w, scheme, dtype, "mse"))
+    mse = _group_sse(w, schemes.quantize(w, scheme, dtype, method))
     assert (mse <= rtn).all()
     assert mse.sum() < rtn.sum()  # and it does find better groups
+
+
+@pytest.mark.parametrize("bits", (2, 3, 4))
+def test_mse_zero_keeps_zero_on_the_grid(bits):
+    # Every group's grid holds (up to the storage rounding of its bias) the value 0.0: the bias is
+    # minus an integer number of scales. Constant groups are the exception: they are reproduced
+    # instead (to within the smallest scale, 1e-7).
+    rng = np.random.default_rng(7)
+    w = _awkward_weight(rng, 64, 256, 64).astype(np.float32)
+    qt = schemes.quantize(w, AffineScheme(bits, 64), "float32", "mse-zero")
+    groups = w.reshape(-1, 64)
+    constant = groups.min(axis=1) == groups.max(axis=1)
+    assert constant.any() and (~constant).sum() > 100
+    rec = schemes.dequantize(qt).reshape(-1, 64)
+    np.testing.assert_allclose(rec[constant], groups[constant], rtol=0, atol=1e-7)
+    s, b = qt.scales.astype(np.float64).ravel(), qt.biases.astype(np.float64).ravel()
+    k = (-b / s)[~constant]
+    assert np.allclose(k, np.rint(k), atol=1e-3)
+    assert ((np.rint(k) >= 0) & (np.rint(k) <= 2**bits - 1)).all()
 
 
 @settings(max_examples=40, deadline=None)
@@ -146,8 +166,9 @@ def test_mse_never_worse_than_rtn_property(bits, seed, scale, heavy):
     w = w.astype(ml_dtypes.bfloat16).astype(np.float32)
     scheme = AffineScheme(bits, 32)
     rtn = _group_sse(w, schemes.quantize(w, scheme, "bfloat16", "rtn"))
-    mse = _group_sse(w, schemes.quantize(w, scheme, "bfloat16", "mse"))
-    assert (mse <= rtn).all()
+    for method in ("mse", "mse-zero"):
+        found = _group_sse(w, schemes.quantize(w, scheme, "bfloat16", method))
+        assert (found <= rtn).all()
 
 
 @pytest.mark.parametrize("method", ["rtn", "mse"])

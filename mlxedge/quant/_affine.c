@@ -23,7 +23,7 @@
 #include <string.h>
 
 enum { DT_F32 = 0, DT_F16 = 1, DT_BF16 = 2 };
-enum { M_RTN = 0, M_MSE = 1 };
+enum { M_RTN = 0, M_MSE = 1, M_ZERO = 2 };
 #define MAX_GROUP 128
 #define EPS 1e-7f
 
@@ -208,6 +208,50 @@ INLINE void mse_search(const float *w, int n, float levels, int store, float w_m
     *best_b = bb;
 }
 
+/* `mse-zero` (see schemes._zero_chunk): the same candidate ranges, each with an integer zero point
+ * k (the code of 0.0) and a least-squares refit of the scale alone; the bias follows as -k * s. */
+INLINE void zero_search(const float *w, int n, float levels, int store, float w_min, float w_max,
+                        float *best_q, float *best_s, float *best_b) {
+    float s32, b32, q[MAX_GROUP];
+    rtn_params(w_min, w_max, levels, &s32, &b32);
+    codes_div(w, n, s32, b32, levels, best_q);
+    float bs = round_store(s32, store), bb = round_store(b32, store);
+    float best_err = sse(w, best_q, n, bs, bb);
+
+    const float span = w_max - w_min;
+    for (int a = 0; a < 3; a++) {
+        for (int c = 0; c < 3; c++) {
+            float lo = w_min + SHRINK[a] * span;
+            float hi = w_max - SHRINK[c] * span;
+            float scale = (hi - lo) / levels;
+            scale = scale > EPS ? scale : EPS;
+            float inv = 1.0f / scale;
+            float k = clamp(rintf((-lo) * inv), levels);
+            codes_mul(w, n, inv, -(k * scale), levels, q);
+            v8f a_den = {0}, a_num = {0};
+            for (int j = 0; j < n; j += 8) {
+                v8f qk = load8(q + j) - k;
+                a_den += qk * qk;
+                a_num += qk * load8(w + j);
+            }
+            float den = combine(a_den), num = combine(a_num);
+            float s = round_store(den > 0.0f ? num / den : scale, store);
+            if (s == 0.0f) s = round_store(scale, store);
+            float b = round_store(-(k * s), store);
+            codes_mul(w, n, 1.0f / s, b, levels, q);
+            float err = sse(w, q, n, s, b);
+            if (err < best_err) {
+                best_err = err;
+                bs = s;
+                bb = b;
+                memcpy(best_q, q, (size_t)n * sizeof(float));
+            }
+        }
+    }
+    *best_s = bs;
+    *best_b = bb;
+}
+
 /* Little-endian bit stream of `bits`-bit codes, 8 codes (= `bits` bytes) at a time. */
 INLINE void pack_codes(const float *q, int n, int bits, uint8_t *out) {
     for (int k = 0; k < n; k += 8) {
@@ -241,8 +285,10 @@ INLINE Py_ssize_t quantize_body(const void *src, int src_dtype, int sdt, int bit
             codes_div(w, gs, s32, b32, levels, q);
             s = round_store(s32, sdt);
             b = round_store(b32, sdt);
-        } else {
+        } else if (method == M_MSE) {
             mse_search(w, gs, levels, sdt, w_min, w_max, q, &s, &b);
+        } else {
+            zero_search(w, gs, levels, sdt, w_min, w_max, q, &s, &b);
         }
         pack_codes(q, gs, bits, packed + (size_t)g * gs * bits / 8);
         put(scales, sdt, g, s);
@@ -290,7 +336,7 @@ static PyObject *py_quantize(PyObject *self, PyObject *args) {
         problem = "bits must be 2, 3, 4, 5, 6 or 8";
     else if (gs != 32 && gs != 64 && gs != 128)
         problem = "group size must be 32, 64 or 128";
-    else if (method != M_RTN && method != M_MSE)
+    else if (method != M_RTN && method != M_MSE && method != M_ZERO)
         problem = "unknown method code";
     else if (src.len % ((Py_ssize_t)gs * itemsize(src_dtype)) != 0)
         problem = "source is not a whole number of groups";

@@ -100,7 +100,7 @@ def active_backend(method: str = "rtn") -> str:
 
 
 _NATIVE_DTYPES = {"float32": 0, "float16": 1, "bfloat16": 2}
-_NATIVE_METHODS = {"rtn": 0, "mse": 1}
+_NATIVE_METHODS = {"rtn": 0, "mse": 1, "mse-zero": 2}
 _NATIVE_CHUNK = 1 << 13  # groups per task: small enough to balance, large enough to amortize
 _pool: ThreadPoolExecutor | None = None
 
@@ -169,7 +169,7 @@ def quantize(
         w: float weight (rows, cols).
         scheme: bits and group size.
         dtype: storage dtype name for scales, biases (and the reference the error is measured from).
-        method: "rtn" or "mse".
+        method: "rtn", "mse" or "mse-zero".
 
     Returns:
         The packed tensor (identical to `schemes.quantize`) and its error against `w` cast to
