@@ -102,7 +102,8 @@ class Protocol:
 def full_protocol(ids: list[int], ctx: int, bos: int | None, max_windows: int | None, text: Text):
     seqs = windows(ids, ctx, bos, max_windows, text.name)
     first = ctx // 2
-    desc = f"{len(seqs)} windows of {ctx}, predictions {first}-{ctx - 2} scored"
+    plural = "s" if len(seqs) != 1 else ""
+    desc = f"{len(seqs)} window{plural} of {ctx}, predictions {first}-{ctx - 2} scored"
     return Protocol(seqs, first, desc)
 
 
@@ -218,16 +219,17 @@ class CrossRow:
 
 
 def _fidelity_ok(stats: dict, tol: Tolerance | None) -> tuple[bool, str]:
+    """Whether a backend's run passes its tolerance, and the check as text ("0.00045 <= 0.01")."""
     if tol is None:
         return True, "yardstick"
-    ok, limits = True, []
+    ok, parts = True, []
     if tol.max_abs_logit is not None:
         ok &= stats["max_abs_logit"] <= tol.max_abs_logit
-        limits.append(f"max|dlogit| <= {tol.max_abs_logit:g}")
+        parts.append(f"max|dlogit| {stats['max_abs_logit']:.2g} <= {tol.max_abs_logit:g}")
     if tol.kl_mean is not None:
         ok &= stats["kl_mean"] <= tol.kl_mean
-        limits.append(f"mean KL <= {tol.kl_mean:g}")
-    return bool(ok), ", ".join(limits)
+        parts.append(f"KL {stats['kl_mean']:.2g} <= {tol.kl_mean:g}")
+    return bool(ok), ", ".join(parts)
 
 
 def crosscheck(

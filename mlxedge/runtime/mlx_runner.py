@@ -37,7 +37,7 @@ class MLXBackend:
         self._folder = model.folder
         self._model = None
         gpu = mx.default_device() == mx.gpu
-        self.device = "gpu (Metal)" if gpu else "cpu (float32)"
+        self.device = "metal" if gpu else "cpu, float32"
         self.tolerance = HALF_TOLERANCE if gpu else FLOAT32_TOLERANCE
         self.token_budget = None if gpu else CPU_TOKEN_BUDGET
         self._load_model = load_model

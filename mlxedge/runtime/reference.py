@@ -195,7 +195,7 @@ class ReferenceBackend:
     """The numpy reference as a `Backend` (weights read on first use)."""
 
     name = "reference"
-    device = "cpu (numpy float32)"
+    device = "numpy, cpu"
     tolerance = None  # it is the yardstick
     token_budget = None
 
