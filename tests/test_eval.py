@@ -206,3 +206,14 @@ def _smollm2_gguf() -> Path:
     from mlxedge.default_model import default_model_path
 
     return default_model_path()
+
+
+def test_a_backend_that_cannot_run_is_skipped_with_its_reason():
+    # mlx-lm loads folders; the built-in model is a GGUF file. Against itself it passes: the
+    # reference row is exact (KL 0), the mlx row is skipped, and skipping does not fail the run.
+    code, rows = crosscheck_rows("smollm2")
+    assert code == 0
+    ref, mlx = rows
+    assert ref["passed"] and ref["quality"]["kl_mean"] == 0 and ref["quality"]["top1"] == 1
+    assert ref["max_kl"] == 0.01  # an unquantized artifact gets the float ceiling
+    assert mlx["skipped"] and "loads model folders" in mlx["skipped"]

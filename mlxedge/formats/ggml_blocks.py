@@ -1,0 +1,170 @@
+"""ggml's block formats in numpy: quantize and dequantize rows into the bytes a GGUF file stores.
+
+A registry of block types, each a vectorized numpy `quantize(x) -> bytes-as-uint8 (n_blocks, size)`
+and `dequantize(blocks) -> float32`. These are the specification the GGUF writer uses; tests hold
+the legacy types to gguf-py's quantizer byte for byte and every type to gguf-py's dequantizer.
+
+Legacy 32-weight blocks (scales in float16, computed and applied in float32 as llama.cpp does):
+- Q4_0: d, 16 bytes of nibbles; w = d * (q - 8), d = (signed max) / -8.
+- Q4_1: d, m, nibbles; w = d * q + m.
+- Q5_0: d, 4 bytes of high bits, nibbles; w = d * (q - 16), d = (signed max) / -16.
+- Q5_1: d, m, high bits, nibbles; w = d * q + m.
+- Q8_0: d, 32 int8; w = d * q, d = max|w| / 127, rounding half away from zero.
+Element j (< 16) of a block is the low nibble of byte j, element j + 16 the high nibble; the fifth
+bit of element e is bit e of the little-endian 32-bit word `qh`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+BLOCK = 32
+
+
+@dataclass(frozen=True)
+class BlockType:
+    """One ggml block type."""
+
+    name: str
+    type_id: int  # GGMLQuantizationType value
+    block_size: int  # weights per block
+    type_size: int  # bytes per block
+    quantize: Callable[[np.ndarray], np.ndarray]  # (n, block_size) float32 -> (n, type_size) u8
+    dequantize: Callable[[np.ndarray], np.ndarray]  # (n, type_size) u8 -> (n, block_size) f32
+
+
+def _f16(x: np.ndarray) -> np.ndarray:
+    """float32 (n,) -> (n, 2) bytes of its float16."""
+    return x.astype(np.float16).reshape(-1, 1).view(np.uint8)
+
+
+def _read_f16(blocks: np.ndarray, at: int) -> np.ndarray:
+    return blocks[:, at : at + 2].copy().view(np.float16)[:, 0].astype(np.float32)
+
+
+def _nibbles(q: np.ndarray) -> np.ndarray:
+    """(n, 32) codes < 16 -> (n, 16) bytes: element j low, element j + 16 high."""
+    return (q[:, :16] | (q[:, 16:] << 4)).astype(np.uint8)
+
+
+def _unnibble(qs: np.ndarray) -> np.ndarray:
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=1)
+
+
+def _high_bits(q: np.ndarray) -> np.ndarray:
+    """(n, 32) 5-bit codes -> (n, 4) bytes whose bit e is bit 4 of element e."""
+    return np.packbits((q >> 4).astype(np.uint8), axis=1, bitorder="little")
+
+
+def _unhigh(qh: np.ndarray) -> np.ndarray:
+    return np.unpackbits(qh, axis=1, bitorder="little")[:, :BLOCK] << 4
+
+
+def _inverse(d: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore"):
+        return np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
+
+
+def _signed_max(x: np.ndarray) -> np.ndarray:
+    """The element of largest magnitude, with its sign (the first one on ties)."""
+    return np.take_along_axis(x, np.abs(x).argmax(axis=1)[:, None], axis=1)[:, 0]
+
+
+def _q4_0(x: np.ndarray) -> np.ndarray:
+    d = _signed_max(x) / np.float32(-8)
+    q = np.minimum((x * _inverse(d)[:, None] + np.float32(8.5)).astype(np.int8), 15).astype(
+        np.uint8
+    )
+    return np.concatenate([_f16(d), _nibbles(q)], axis=1)
+
+
+def _dq4_0(b: np.ndarray) -> np.ndarray:
+    return _read_f16(b, 0)[:, None] * (_unnibble(b[:, 2:]).astype(np.float32) - 8)
+
+
+def _q4_1(x: np.ndarray) -> np.ndarray:
+    lo, hi = x.min(axis=1), x.max(axis=1)
+    d = (hi - lo) / np.float32(15)
+    q = (x - lo[:, None]) * _inverse(d)[:, None] + np.float32(0.5)
+    q = np.minimum(q.astype(np.int8).astype(np.uint8), 15)
+    return np.concatenate([_f16(d), _f16(lo), _nibbles(q)], axis=1)
+
+
+def _dq4_1(b: np.ndarray) -> np.ndarray:
+    q = _unnibble(b[:, 4:]).astype(np.float32)
+    return _read_f16(b, 0)[:, None] * q + _read_f16(b, 2)[:, None]
+
+
+def _q5_0(x: np.ndarray) -> np.ndarray:
+    d = _signed_max(x) / np.float32(-16)
+    q = np.minimum((x * _inverse(d)[:, None] + np.float32(16.5)).astype(np.int8), 31)
+    q = q.astype(np.uint8)
+    return np.concatenate([_f16(d), _high_bits(q), _nibbles(q & 0x0F)], axis=1)
+
+
+def _dq5_0(b: np.ndarray) -> np.ndarray:
+    q = (_unnibble(b[:, 6:]) | _unhigh(b[:, 2:6])).astype(np.float32)
+    return _read_f16(b, 0)[:, None] * (q - 16)
+
+
+def _q5_1(x: np.ndarray) -> np.ndarray:
+    lo, hi = x.min(axis=1), x.max(axis=1)
+    d = (hi - lo) / np.float32(31)
+    q = (x - lo[:, None]) * _inverse(d)[:, None] + np.float32(0.5)
+    q = np.minimum(q.astype(np.int8).astype(np.uint8), 31)
+    return np.concatenate([_f16(d), _f16(lo), _high_bits(q), _nibbles(q & 0x0F)], axis=1)
+
+
+def _dq5_1(b: np.ndarray) -> np.ndarray:
+    q = (_unnibble(b[:, 8:]) | _unhigh(b[:, 4:8])).astype(np.float32)
+    return _read_f16(b, 0)[:, None] * q + _read_f16(b, 2)[:, None]
+
+
+def _round_half_away(a: np.ndarray) -> np.ndarray:
+    """C's roundf: halves away from zero (np.rint rounds them to even). Written as
+    floor(|a|) + floor(2 * frac(|a|)): floor(|a| + 0.5) would round 0.49999997 up in float32."""
+    mag = np.abs(a)
+    whole = np.floor(mag)
+    return np.sign(a) * (whole + np.floor(np.float32(2) * (mag - whole)))
+
+
+def _q8_0(x: np.ndarray) -> np.ndarray:
+    d = np.abs(x).max(axis=1) / np.float32(127)
+    q = _round_half_away(x * _inverse(d)[:, None]).astype(np.int8)
+    return np.concatenate([_f16(d), q.view(np.uint8)], axis=1)
+
+
+def _dq8_0(b: np.ndarray) -> np.ndarray:
+    return _read_f16(b, 0)[:, None] * b[:, 2:].copy().view(np.int8).astype(np.float32)
+
+
+TYPES: dict[str, BlockType] = {
+    t.name: t
+    for t in (
+        BlockType("Q4_0", 2, BLOCK, 18, _q4_0, _dq4_0),
+        BlockType("Q4_1", 3, BLOCK, 20, _q4_1, _dq4_1),
+        BlockType("Q5_0", 6, BLOCK, 22, _q5_0, _dq5_0),
+        BlockType("Q5_1", 7, BLOCK, 24, _q5_1, _dq5_1),
+        BlockType("Q8_0", 8, BLOCK, 34, _q8_0, _dq8_0),
+    )
+}
+
+
+def quantize_rows(x: np.ndarray, type_name: str) -> np.ndarray:
+    """A 2-D float tensor (rows, cols) as the bytes a GGUF stores: uint8 (rows, cols/bs*size)."""
+    t = TYPES[type_name]
+    rows, cols = x.shape
+    if cols % t.block_size:
+        raise ValueError(f"{type_name} needs rows in multiples of {t.block_size}, not {cols}")
+    blocks = t.quantize(np.asarray(x, dtype=np.float32).reshape(-1, t.block_size))
+    return blocks.reshape(rows, -1)
+
+
+def dequantize_rows(data: np.ndarray, type_name: str, cols: int) -> np.ndarray:
+    """The inverse of `quantize_rows`: float32 (rows, cols)."""
+    t = TYPES[type_name]
+    blocks = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, t.type_size)
+    return t.dequantize(blocks).reshape(-1, cols)

@@ -1,0 +1,56 @@
+"""ggml block types: bytes identical to gguf-py's quantizer, values identical to its dequantizer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType, quants
+
+from mlxedge.formats import ggml_blocks
+from mlxedge.formats.ggml_blocks import TYPES, dequantize_rows, quantize_rows
+
+
+def hard_rows(rng: np.random.Generator) -> np.ndarray:
+    x = rng.standard_normal((48, 256)).astype(np.float32)
+    x *= rng.uniform(1e-3, 5, (48, 1)).astype(np.float32)
+    x[0] = 0  # all-zero blocks
+    x[1] = 0.25  # constant
+    x[2, :32] = np.linspace(-1, 1, 32)  # exact halves after scaling
+    x[3, 5] = -60  # a negative outlier sets the signed max
+    x[4, :32] = 0.49999997  # the classic roundf trap
+    x[5, 40] = 1e-8
+    return x
+
+
+@pytest.mark.parametrize("name", list(TYPES))
+def test_bytes_equal_gguf_py(name):
+    x = hard_rows(np.random.default_rng(0))
+    ours = quantize_rows(x, name)
+    theirs = quants.quantize(x, GGMLQuantizationType[name])
+    assert ours.dtype == np.uint8 and ours.shape == theirs.shape
+    np.testing.assert_array_equal(ours, theirs)
+    assert TYPES[name].type_id == GGMLQuantizationType[name].value
+
+
+@pytest.mark.parametrize("name", list(TYPES))
+def test_dequantize_equals_gguf_py(name):
+    x = hard_rows(np.random.default_rng(1))
+    data = quantize_rows(x, name)
+    ours = dequantize_rows(data, name, x.shape[1])
+    theirs = quants.dequantize(data, GGMLQuantizationType[name])
+    np.testing.assert_array_equal(ours, theirs)
+    # and it is a quantizer: error well below the weights' own scale
+    err = np.abs(ours - x).max(axis=1)
+    assert (err <= np.abs(x).max(axis=1) * 0.5 + 1e-6).all()
+
+
+def test_rows_must_divide_into_blocks():
+    with pytest.raises(ValueError, match="multiples of 32"):
+        quantize_rows(np.zeros((2, 48), np.float32), "Q4_0")
+
+
+def test_round_half_away_from_zero():
+    a = np.array([0.5, 1.5, 2.5, -0.5, -2.5, 0.49999997, -0.49999997], dtype=np.float32)
+    np.testing.assert_array_equal(
+        ggml_blocks._round_half_away(a), np.array([1, 2, 3, -1, -3, 0, 0], np.float32)
+    )
