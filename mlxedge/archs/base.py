@@ -118,6 +118,38 @@ class LlamaFamily:
             names.append("lm_head.weight")
         return names
 
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor's shape as the config implies it (linears as (out, in)), so that sizes can
+        be planned from config.json alone, before any weights are downloaded."""
+        c = self.config
+        d, ff, vocab = int(c["hidden_size"]), int(c["intermediate_size"]), int(c["vocab_size"])
+        n_q = int(c["num_attention_heads"])
+        n_kv = int(c.get("num_key_value_heads") or n_q)
+        hd = int(c.get("head_dim") or d // n_q)
+        per_layer = {
+            "input_layernorm.weight": (d,),
+            "post_attention_layernorm.weight": (d,),
+            "self_attn.q_proj.weight": (n_q * hd, d),
+            "self_attn.k_proj.weight": (n_kv * hd, d),
+            "self_attn.v_proj.weight": (n_kv * hd, d),
+            "self_attn.o_proj.weight": (d, n_q * hd),
+            "mlp.gate_proj.weight": (ff, d),
+            "mlp.up_proj.weight": (ff, d),
+            "mlp.down_proj.weight": (d, ff),
+            "self_attn.q_proj.bias": (n_q * hd,),
+            "self_attn.k_proj.bias": (n_kv * hd,),
+            "self_attn.v_proj.bias": (n_kv * hd,),
+            "self_attn.q_norm.weight": (hd,),
+            "self_attn.k_norm.weight": (hd,),
+        }
+        shapes = {"model.embed_tokens.weight": (vocab, d), "model.norm.weight": (d,)}
+        if not self.tied:
+            shapes["lm_head.weight"] = (vocab, d)
+        for name in self.expected_tensors():
+            if name not in shapes:
+                shapes[name] = per_layer[name.split(".", 3)[3]]
+        return shapes
+
     def extra_layer_tensors(self) -> tuple[str, ...]:
         """Per-block tensors beyond the llama set (biases, q/k norms)."""
         return ()
