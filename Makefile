@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml setup.py mlxedge/quant/_affine.c
 demo: install
 	$(VENV)/bin/mlxedge quantize smollm2 --bits 4 --group-size 64 -o demo-out/SmolLM2-135M-Instruct-4bit-g64 --force
 	$(VENV)/bin/mlxedge inspect demo-out/SmolLM2-135M-Instruct-4bit-g64
+	$(VENV)/bin/mlxedge crosscheck demo-out/SmolLM2-135M-Instruct-4bit-g64 --reference smollm2 --windows 2
 
 test: install
 	$(PY) -m pytest -q
