@@ -3,6 +3,7 @@
 A registry of block types, each a vectorized numpy `quantize(x) -> bytes-as-uint8 (n_blocks, size)`
 and `dequantize(blocks) -> float32`. These are the specification the GGUF writer uses; tests hold
 the legacy types to gguf-py's quantizer byte for byte and every type to gguf-py's dequantizer.
+The K-quants (Q2_K..Q6_K, super-blocks of 256) can be read so far; their quantizers come next.
 
 Legacy 32-weight blocks (scales in float16, computed and applied in float32 as llama.cpp does):
 - Q4_0: d, 16 bytes of nibbles; w = d * (q - 8), d = (signed max) / -8.
@@ -32,7 +33,8 @@ class BlockType:
     type_id: int  # GGMLQuantizationType value
     block_size: int  # weights per block
     type_size: int  # bytes per block
-    quantize: Callable[[np.ndarray], np.ndarray]  # (n, block_size) float32 -> (n, type_size) u8
+    # (n, block_size) float32 -> (n, type_size) uint8; None where only reading is supported so far
+    quantize: Callable[[np.ndarray], np.ndarray] | None
     dequantize: Callable[[np.ndarray], np.ndarray]  # (n, type_size) u8 -> (n, block_size) f32
 
 
@@ -141,6 +143,76 @@ def _dq8_0(b: np.ndarray) -> np.ndarray:
     return _read_f16(b, 0)[:, None] * b[:, 2:].copy().view(np.int8).astype(np.float32)
 
 
+# --- K-quants: super-blocks of 256 weights ----------------------------------------------------
+#
+# Each layout is described by where every element's bits live: for element e (0..255), the byte
+# holding its low bits and their shift, and for 5/6-bit codes the byte and shift of its high bits.
+# Dequantization gathers those bits for all elements at once. Scales: float16 d (and dmin), times
+# per-sub-block integer scales (and mins); w = (d * sc) * q - (dmin * m), in float32.
+
+QK_K = 256
+_E = np.arange(QK_K)
+_H, _R = _E // 128, _E % 128  # 128-element halves; position inside one
+_G, _L = _R // 32, _R % 32  # 32-element quarter of a half; position inside it
+
+
+def _bits(blocks: np.ndarray, byte: np.ndarray, shift: np.ndarray, mask: int) -> np.ndarray:
+    """(n, 256) integers: (blocks[:, byte[e]] >> shift[e]) & mask for every element e."""
+    return (blocks[:, byte] >> shift.astype(np.uint8)) & np.uint8(mask)
+
+
+def _k4_scale_min(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K/Q5_K: eight 6-bit scales and mins from the 12 packed bytes (n, 12) -> (n, 8) each."""
+    lo, mid, hi = scales[:, 0:4], scales[:, 4:8], scales[:, 8:12]
+    sc = np.concatenate([lo & 63, (hi & 15) | ((lo >> 6) << 4)], axis=1)
+    mn = np.concatenate([mid & 63, (hi >> 4) | ((mid >> 6) << 4)], axis=1)
+    return sc.astype(np.float32), mn.astype(np.float32)
+
+
+def _dq2_k(b: np.ndarray) -> np.ndarray:
+    q = _bits(b, 16 + 32 * _H + _L, 2 * _G, 3).astype(np.float32)
+    sub = b[:, 0:16][:, _E // 16]
+    d, dmin = _read_f16(b, 80)[:, None], _read_f16(b, 82)[:, None]
+    return (d * (sub & 15).astype(np.float32)) * q - dmin * (sub >> 4).astype(np.float32)
+
+
+def _dq3_k(b: np.ndarray) -> np.ndarray:
+    low = _bits(b, 32 + 32 * _H + _L, 2 * _G, 3).astype(np.int16)
+    high = _bits(b, _E % 32, _E // 32, 1).astype(np.int16)
+    q = (low - 4 * (1 - high)).astype(np.float32)  # a set high bit means "no -4"
+    s = np.arange(16)
+    low4 = np.where(s < 8, b[:, 96 + s % 8] & 15, b[:, 96 + s % 8] >> 4)
+    high2 = (b[:, 104 + s % 4] >> (2 * (s // 4)).astype(np.uint8)) & 3
+    sc = ((low4 | (high2 << 4)).astype(np.int16) - 32).astype(np.float32)[:, _E // 16]
+    return (_read_f16(b, 108)[:, None] * sc) * q
+
+
+def _dq4_k(b: np.ndarray) -> np.ndarray:
+    c, r = _E // 64, _E % 64
+    q = _bits(b, 16 + 32 * c + r % 32, 4 * (r // 32), 15).astype(np.float32)
+    sc, mn = _k4_scale_min(b[:, 4:16])
+    d, dmin = _read_f16(b, 0)[:, None], _read_f16(b, 2)[:, None]
+    return (d * sc[:, _E // 32]) * q - dmin * mn[:, _E // 32]
+
+
+def _dq5_k(b: np.ndarray) -> np.ndarray:
+    c, r = _E // 64, _E % 64
+    low = _bits(b, 48 + 32 * c + r % 32, 4 * (r // 32), 15)
+    high = _bits(b, 16 + _E % 32, _E // 32, 1)
+    q = (low | (high << 4)).astype(np.float32)
+    sc, mn = _k4_scale_min(b[:, 4:16])
+    d, dmin = _read_f16(b, 0)[:, None], _read_f16(b, 2)[:, None]
+    return (d * sc[:, _E // 32]) * q - dmin * mn[:, _E // 32]
+
+
+def _dq6_k(b: np.ndarray) -> np.ndarray:
+    low = _bits(b, 64 * _H + 32 * (_G % 2) + _L, 4 * (_G // 2), 15)
+    high = _bits(b, 128 + 32 * _H + _L, 2 * _G, 3)
+    q = ((low | (high << 4)).astype(np.int16) - 32).astype(np.float32)
+    sc = b[:, 192:208].copy().view(np.int8).astype(np.float32)[:, _E // 16]
+    return (_read_f16(b, 208)[:, None] * sc) * q
+
+
 TYPES: dict[str, BlockType] = {
     t.name: t
     for t in (
@@ -149,6 +221,11 @@ TYPES: dict[str, BlockType] = {
         BlockType("Q5_0", 6, BLOCK, 22, _q5_0, _dq5_0),
         BlockType("Q5_1", 7, BLOCK, 24, _q5_1, _dq5_1),
         BlockType("Q8_0", 8, BLOCK, 34, _q8_0, _dq8_0),
+        BlockType("Q2_K", 10, QK_K, 84, None, _dq2_k),
+        BlockType("Q3_K", 11, QK_K, 110, None, _dq3_k),
+        BlockType("Q4_K", 12, QK_K, 144, None, _dq4_k),
+        BlockType("Q5_K", 13, QK_K, 176, None, _dq5_k),
+        BlockType("Q6_K", 14, QK_K, 210, None, _dq6_k),
     )
 }
 
@@ -156,6 +233,8 @@ TYPES: dict[str, BlockType] = {
 def quantize_rows(x: np.ndarray, type_name: str) -> np.ndarray:
     """A 2-D float tensor (rows, cols) as the bytes a GGUF stores: uint8 (rows, cols/bs*size)."""
     t = TYPES[type_name]
+    if t.quantize is None:
+        raise NotImplementedError(f"writing {type_name} is not supported yet; reading it is")
     rows, cols = x.shape
     if cols % t.block_size:
         raise ValueError(f"{type_name} needs rows in multiples of {t.block_size}, not {cols}")
