@@ -87,12 +87,17 @@ def _dq4_0(b: np.ndarray) -> np.ndarray:
     return _read_f16(b, 0)[:, None] * (_unnibble(b[:, 2:]).astype(np.float32) - 8)
 
 
+def pack_q4_1(q: np.ndarray, d: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """Q4_1 blocks from codes (n, 32) < 16 and float d, m (n,): w = d * q + m."""
+    return np.concatenate([_f16(d), _f16(m), _nibbles(q.astype(np.uint8))], axis=1)
+
+
 def _q4_1(x: np.ndarray) -> np.ndarray:
     lo, hi = x.min(axis=1), x.max(axis=1)
     d = (hi - lo) / np.float32(15)
     q = (x - lo[:, None]) * _inverse(d)[:, None] + np.float32(0.5)
     q = np.minimum(q.astype(np.int8).astype(np.uint8), 15)
-    return np.concatenate([_f16(d), _f16(lo), _nibbles(q)], axis=1)
+    return pack_q4_1(q, d, lo)
 
 
 def _dq4_1(b: np.ndarray) -> np.ndarray:
@@ -112,12 +117,18 @@ def _dq5_0(b: np.ndarray) -> np.ndarray:
     return _read_f16(b, 0)[:, None] * (q - 16)
 
 
+def pack_q5_1(q: np.ndarray, d: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """Q5_1 blocks from codes (n, 32) < 32 and float d, m (n,): w = d * q + m."""
+    q = q.astype(np.uint8)
+    return np.concatenate([_f16(d), _f16(m), _high_bits(q), _nibbles(q & 0x0F)], axis=1)
+
+
 def _q5_1(x: np.ndarray) -> np.ndarray:
     lo, hi = x.min(axis=1), x.max(axis=1)
     d = (hi - lo) / np.float32(31)
     q = (x - lo[:, None]) * _inverse(d)[:, None] + np.float32(0.5)
     q = np.minimum(q.astype(np.int8).astype(np.uint8), 31)
-    return np.concatenate([_f16(d), _f16(lo), _high_bits(q), _nibbles(q & 0x0F)], axis=1)
+    return pack_q5_1(q, d, lo)
 
 
 def _dq5_1(b: np.ndarray) -> np.ndarray:
