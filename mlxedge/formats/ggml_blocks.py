@@ -3,7 +3,9 @@
 A registry of block types, each a vectorized numpy `quantize(x) -> bytes-as-uint8 (n_blocks, size)`
 and `dequantize(blocks) -> float32`. These are the specification the GGUF writer uses; tests hold
 the legacy types to gguf-py's quantizer byte for byte and every type to gguf-py's dequantizer.
-The K-quants (Q2_K..Q6_K, super-blocks of 256) can be read so far; their quantizers come next.
+K-quants (super-blocks of 256): Q4_K, Q5_K and Q6_K are written with llama.cpp's reference
+algorithms, byte-identical with its own quantizer (tests/test_kquants_llamacpp.py); Q2_K and Q3_K
+are read-only so far.
 
 Legacy 32-weight blocks (scales in float16, computed and applied in float32 as llama.cpp does):
 - Q4_0: d, 16 bytes of nibbles; w = d * (q - 8), d = (signed max) / -8.
@@ -224,6 +226,222 @@ def _dq6_k(b: np.ndarray) -> np.ndarray:
     return (_read_f16(b, 208)[:, None] * sc) * q
 
 
+# --- K-quant writers: llama.cpp's reference algorithms (quantize_row_qX_K_ref), in numpy ---------
+#
+# Written to give llama.cpp's bytes: float32 throughout, no fused multiply-adds, sums taken in index
+# order (a loop over the elements of a sub-block, vectorized across sub-blocks, never np.sum), and
+# round-half-to-even (llama.cpp's nearest_int) as np.rint.
+
+GROUP_MAX_EPS = np.float32(1e-15)
+_F = np.float32
+
+
+def _signed_absmax(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: the element of largest magnitude (first on ties, as a strict '>' scan) and |it|."""
+    i = np.abs(x).argmax(axis=1)
+    mx = np.take_along_axis(x, i[:, None], axis=1)[:, 0]
+    return mx, np.abs(mx)
+
+
+def _qx_sums(x: np.ndarray, iscale: np.ndarray, nmax: int):
+    """Codes l = clamp(rint(iscale * x), -nmax, nmax - 1) and the weighted sums (weights x²)."""
+    sumlx = np.zeros(len(x), _F)
+    suml2 = np.zeros(len(x), _F)
+    ls = np.empty(x.shape, _F)
+    for i in range(x.shape[1]):
+        xi = x[:, i]
+        li = np.clip(np.rint(iscale * xi), -nmax, nmax - 1).astype(_F)
+        ls[:, i] = li
+        w = xi * xi
+        sumlx += (w * xi) * li
+        suml2 += (w * li) * li
+    return ls, sumlx, suml2
+
+
+def _make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric codes in [0, 2*nmax) and scale per row of x (n, 16), weights x²
+    (llama.cpp's make_qx_quants with rmse_type 1 and no importance)."""
+    mx, amax = _signed_absmax(x)
+    tiny = amax < GROUP_MAX_EPS
+    safe_max = np.where(tiny, _F(1), mx)
+    iscale = -_F(nmax) / safe_max
+    ls, sumlx, suml2 = _qx_sums(x, iscale, nmax)
+    scale = np.where(suml2 != 0, sumlx / np.where(suml2 != 0, suml2, _F(1)), _F(0)).astype(_F)
+    best = scale * sumlx
+    for step in [*range(-9, 0), *range(1, 10)]:
+        iscale = -(_F(nmax) + _F(0.1) * _F(step)) / safe_max
+        cand, sumlx, suml2 = _qx_sums(x, iscale, nmax)
+        better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+        ls = np.where(better[:, None], cand, ls)
+        new_scale = sumlx / np.where(suml2 > 0, suml2, _F(1))
+        scale = np.where(better, new_scale, scale).astype(_F)
+        best = np.where(better, scale * sumlx, best).astype(_F)
+    codes = (ls + nmax).astype(np.int16)
+    codes[tiny] = 0
+    scale[tiny] = 0
+    return codes, scale
+
+
+def _make_qkx2_quants(
+    x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int, mad: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Asymmetric codes in [0, nmax], scale and (positive) min per row of x, weighted by w
+    (llama.cpp's make_qkx2_quants): x ≈ scale * L - min."""
+    n = x.shape[1]
+    lo, hi = x[:, 0].copy(), x[:, 0].copy()
+    sum_w = w[:, 0].copy()
+    sum_x = sum_w * x[:, 0]
+    for i in range(1, n):
+        lo = np.where(x[:, i] < lo, x[:, i], lo)
+        hi = np.where(x[:, i] > hi, x[:, i], hi)
+        sum_w += w[:, i]
+        sum_x += w[:, i] * x[:, i]
+    lo = np.where(lo > 0, _F(0), lo)
+    flat = hi == lo
+    span = np.where(flat, _F(1), hi - lo)
+
+    def codes(iscale, mn):
+        return np.clip(np.rint(iscale[:, None] * (x - mn[:, None])), 0, nmax).astype(_F)
+
+    def error(scale, mn, q):
+        err = np.zeros(len(x), _F)
+        for i in range(n):
+            diff = (scale * q[:, i] + mn) - x[:, i]
+            err += w[:, i] * (np.abs(diff) if mad else diff * diff)
+        return err
+
+    iscale = _F(nmax) / span
+    scale = _F(1) / iscale
+    q = codes(iscale, lo)
+    best = error(scale, lo, q)
+    mn = lo
+    for step in range(nstep + 1):
+        # llama.cpp moves `min` to each accepted candidate's, so later candidates start from it
+        span = np.where(flat, _F(1), hi - mn)
+        iscale = ((_F(rmin) + _F(rdelta) * _F(step)) + _F(nmax)) / span
+        qa = codes(iscale, mn)
+        sum_l = np.zeros(len(x), _F)
+        sum_l2 = np.zeros(len(x), _F)
+        sum_xl = np.zeros(len(x), _F)
+        for i in range(n):
+            wl = w[:, i] * qa[:, i]
+            sum_l += wl
+            sum_l2 += wl * qa[:, i]
+            sum_xl += wl * x[:, i]
+        det = sum_w * sum_l2 - sum_l * sum_l
+        ok = det > 0
+        safe = np.where(ok, det, _F(1))
+        this_scale = (sum_w * sum_xl - sum_x * sum_l) / safe
+        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / safe
+        clip = this_min > 0
+        this_min = np.where(clip, _F(0), this_min)
+        this_scale = np.where(clip, sum_xl / np.where(sum_l2 != 0, sum_l2, _F(1)), this_scale)
+        cur = error(this_scale.astype(_F), this_min.astype(_F), qa)
+        better = ok & (cur < best)
+        q = np.where(better[:, None], qa, q)
+        best = np.where(better, cur, best)
+        scale = np.where(better, this_scale, scale).astype(_F)
+        mn = np.where(better, this_min, mn).astype(_F)
+    q[flat] = 0
+    scale = np.where(flat, _F(0), scale).astype(_F)
+    return q.astype(np.int16), scale, (-mn).astype(_F)
+
+
+def _pack_k4_scales(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
+    """Eight 6-bit scales and mins (n, 8) into Q4_K/Q5_K's 12 bytes (inverse of _k4_scale_min)."""
+    out = np.zeros((len(ls), 12), np.uint8)
+    out[:, 0:4] = ls[:, :4] | ((ls[:, 4:] >> 4) << 6)
+    out[:, 4:8] = lm[:, :4] | ((lm[:, 4:] >> 4) << 6)
+    out[:, 8:12] = (ls[:, 4:] & 15) | ((lm[:, 4:] & 15) << 4)
+    return out
+
+
+def _k_scales_mins(x: np.ndarray, nmax: int, rmin: float, nstep: int):
+    """The shared first half of Q4_K and Q5_K: sub-block fits, 6-bit scales/mins, d and dmin,
+    then codes recomputed from the stored (float16-rounded) values."""
+    n = len(x)
+    sub = x.reshape(n * 8, 32)
+    sum_x2 = np.zeros(len(sub), _F)
+    for i in range(32):
+        sum_x2 += sub[:, i] * sub[:, i]
+    av_x = np.sqrt(sum_x2 / _F(32))
+    weights = av_x[:, None] + np.abs(sub)
+    codes, scales, mins = _make_qkx2_quants(sub, weights, nmax, rmin, 0.1, nstep, False)
+    codes, scales, mins = codes.reshape(n, 256), scales.reshape(n, 8), mins.reshape(n, 8)
+    max_scale = np.maximum(scales.max(axis=1), _F(0))
+    max_min = np.maximum(mins.max(axis=1), _F(0))
+    inv_scale = np.where(max_scale > 0, _F(63) / np.where(max_scale > 0, max_scale, 1), _F(0))
+    inv_min = np.where(max_min > 0, _F(63) / np.where(max_min > 0, max_min, 1), _F(0))
+    ls = np.minimum(63, np.rint(inv_scale[:, None] * scales)).astype(np.uint8)
+    lm = np.minimum(63, np.rint(inv_min[:, None] * mins)).astype(np.uint8)
+    d16 = (max_scale / _F(63)).astype(np.float16)
+    dmin16 = (max_min / _F(63)).astype(np.float16)
+    dj = d16.astype(_F)[:, None] * ls.astype(_F)
+    dmj = dmin16.astype(_F)[:, None] * lm.astype(_F)
+    dj_e, dmj_e = np.repeat(dj, 32, axis=1), np.repeat(dmj, 32, axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        requant = np.clip(np.rint((x + dmj_e) / dj_e), 0, nmax)
+    codes = np.where(dj_e != 0, requant, codes).astype(np.uint8)  # zero scale: first-pass codes
+    head = np.concatenate(
+        [d16.reshape(-1, 1).view(np.uint8), dmin16.reshape(-1, 1).view(np.uint8),
+         _pack_k4_scales(ls, lm)], axis=1,
+    )  # fmt: skip
+    return head, codes
+
+
+def _k_nibbles(codes: np.ndarray) -> np.ndarray:
+    """(n, 256) codes < 16 -> (n, 128): element 64c + l low nibble, 64c + 32 + l high nibble."""
+    c = codes.reshape(len(codes), 4, 2, 32)
+    return (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(len(codes), 128)
+
+
+def _q4_k(x: np.ndarray) -> np.ndarray:
+    head, codes = _k_scales_mins(x, 15, -1.0, 20)
+    return np.concatenate([head, _k_nibbles(codes)], axis=1)
+
+
+def _q5_k(x: np.ndarray) -> np.ndarray:
+    head, codes = _k_scales_mins(x, 31, -0.5, 15)
+    qh = (codes.reshape(len(codes), 8, 32) >> 4) << np.arange(8, dtype=np.uint8)[None, :, None]
+    qh = qh.sum(axis=1, dtype=np.uint8)  # bit e // 32 of byte e % 32
+    return np.concatenate([head, qh, _k_nibbles(codes & 15)], axis=1)
+
+
+def _q6_k(x: np.ndarray) -> np.ndarray:
+    n = len(x)
+    sub = x.reshape(n * 16, 16)
+    codes, scales = _make_qx_quants(sub, 32)
+    codes, scales = codes.reshape(n, 256), scales.reshape(n, 16)
+    max_scale, max_abs = _signed_absmax(scales)
+    empty = max_abs < GROUP_MAX_EPS  # such a block is written as zeros
+    iscale = _F(-128) / np.where(empty, _F(1), max_scale)
+    d16 = (_F(1) / iscale).astype(np.float16)
+    sc = np.minimum(127, np.rint(iscale[:, None] * scales)).astype(np.int8)
+    dj = d16.astype(_F)[:, None] * sc.astype(_F)  # (n, 16)
+    dj_e = np.repeat(dj, 16, axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        requant = np.clip(np.rint(x / dj_e), -32, 31) + 32
+    codes = np.where(dj_e != 0, requant, codes).astype(np.uint8)  # zero scale: first-pass codes
+    # pack: element 128h + 32g + l -> low nibble of ql[64h + 32(g%2) + l] (high nibble if g >= 2),
+    # high two bits at bits 2g of qh[32h + l]
+    c = codes.reshape(n, 2, 4, 32)  # (block, half, quarter, l)
+    ql = np.concatenate(
+        [
+            (c[:, :, 0] & 15) | ((c[:, :, 2] & 15) << 4),
+            (c[:, :, 1] & 15) | ((c[:, :, 3] & 15) << 4),
+        ],
+        axis=2,
+    ).reshape(n, 128)
+    qh = (
+        ((c >> 4) << (2 * np.arange(4, dtype=np.uint8))[None, None, :, None])
+        .sum(axis=2, dtype=np.uint8)
+        .reshape(n, 64)
+    )
+    out = np.concatenate([ql, qh, sc.view(np.uint8), d16.reshape(-1, 1).view(np.uint8)], axis=1)
+    out[empty] = 0
+    return out.astype(np.uint8)
+
+
 TYPES: dict[str, BlockType] = {
     t.name: t
     for t in (
@@ -234,9 +452,9 @@ TYPES: dict[str, BlockType] = {
         BlockType("Q8_0", 8, BLOCK, 34, _q8_0, _dq8_0),
         BlockType("Q2_K", 10, QK_K, 84, None, _dq2_k),
         BlockType("Q3_K", 11, QK_K, 110, None, _dq3_k),
-        BlockType("Q4_K", 12, QK_K, 144, None, _dq4_k),
-        BlockType("Q5_K", 13, QK_K, 176, None, _dq5_k),
-        BlockType("Q6_K", 14, QK_K, 210, None, _dq6_k),
+        BlockType("Q4_K", 12, QK_K, 144, _q4_k, _dq4_k),
+        BlockType("Q5_K", 13, QK_K, 176, _q5_k, _dq5_k),
+        BlockType("Q6_K", 14, QK_K, 210, _q6_k, _dq6_k),
     )
 }
 
