@@ -64,7 +64,7 @@ def hard_rows(rng: np.random.Generator) -> np.ndarray:
     return x
 
 
-@pytest.mark.parametrize("name", ["Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("name", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
 def test_k_quant_bytes_equal_llama_cpp(name):
     x = hard_rows(np.random.default_rng(11))
     np.testing.assert_array_equal(quantize_rows(x, name), llama_cpp_quantize(x, name))

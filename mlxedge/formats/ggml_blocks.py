@@ -3,9 +3,8 @@
 A registry of block types, each a vectorized numpy `quantize(x) -> bytes-as-uint8 (n_blocks, size)`
 and `dequantize(blocks) -> float32`. These are the specification the GGUF writer uses; tests hold
 the legacy types to gguf-py's quantizer byte for byte and every type to gguf-py's dequantizer.
-K-quants (super-blocks of 256): Q4_K, Q5_K and Q6_K are written with llama.cpp's reference
-algorithms, byte-identical with its own quantizer (tests/test_kquants_llamacpp.py); Q2_K and Q3_K
-are read-only so far.
+K-quants (super-blocks of 256, Q2_K..Q6_K) are written with llama.cpp's reference algorithms,
+byte-identical with its own quantizer (tests/test_kquants_llamacpp.py).
 
 Legacy 32-weight blocks (scales in float16, computed and applied in float32 as llama.cpp does):
 - Q4_0: d, 16 bytes of nibbles; w = d * (q - 8), d = (signed max) / -8.
@@ -407,6 +406,107 @@ def _q5_k(x: np.ndarray) -> np.ndarray:
     return np.concatenate([head, qh, _k_nibbles(codes & 15)], axis=1)
 
 
+def _q2_k(x: np.ndarray) -> np.ndarray:
+    n = len(x)
+    sub = x.reshape(n * 16, 16)
+    codes, scales, mins = _make_qkx2_quants(sub, np.abs(sub), 3, -0.5, 0.1, 15, True)
+    codes, scales, mins = codes.reshape(n, 256), scales.reshape(n, 16), mins.reshape(n, 16)
+    max_scale = np.maximum(scales.max(axis=1), _F(0))
+    max_min = np.maximum(mins.max(axis=1), _F(0))
+    has_s, has_m = max_scale > 0, max_min > 0
+    inv_s = np.where(has_s, _F(15) / np.where(has_s, max_scale, 1), _F(0))
+    inv_m = np.where(has_m, _F(15) / np.where(has_m, max_min, 1), _F(0))
+    ls = np.where(has_s[:, None], np.rint(inv_s[:, None] * scales), 0).astype(np.int64)
+    lm = np.where(has_m[:, None], np.rint(inv_m[:, None] * mins), 0).astype(np.int64)
+    packed = ((ls | (lm << 4)) & 0xFF).astype(np.uint8)  # stored as a byte, as llama.cpp does
+    d16 = np.where(has_s, max_scale / _F(15), _F(0)).astype(np.float16)
+    dmin16 = np.where(has_m, max_min / _F(15), _F(0)).astype(np.float16)
+    dj = d16.astype(_F)[:, None] * (packed & 15).astype(_F)
+    dmj = dmin16.astype(_F)[:, None] * (packed >> 4).astype(_F)
+    dj_e, dmj_e = np.repeat(dj, 16, axis=1), np.repeat(dmj, 16, axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        requant = np.clip(np.rint((x + dmj_e) / dj_e), 0, 3)
+    codes = np.where(dj_e != 0, requant, codes).astype(np.uint8)
+    c = codes.reshape(n, 2, 4, 32)  # element 128h + 32g + l -> bits 2g of byte 32h + l
+    qs = (c << (2 * np.arange(4, dtype=np.uint8))[None, None, :, None]).sum(axis=2, dtype=np.uint8)
+    return np.concatenate(
+        [packed, qs.reshape(n, 64), d16.reshape(-1, 1).view(np.uint8),
+         dmin16.reshape(-1, 1).view(np.uint8)], axis=1,
+    )  # fmt: skip
+
+
+def _make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric codes in [0, 2*nmax) and scale per row of x (n, 16), refined by llama.cpp's
+    coordinate descent (make_q3_quants with do_rmse): up to five sweeps, a row stops after a sweep
+    that changes nothing."""
+    mx, amax = _signed_absmax(x)
+    tiny = amax < GROUP_MAX_EPS
+    iscale = _F(-nmax) / np.where(tiny, _F(1), mx)
+    L = np.clip(np.rint(iscale[:, None] * x), -nmax, nmax - 1).astype(_F)
+    w = x * x
+    sumlx = np.zeros(len(x), _F)
+    suml2 = np.zeros(len(x), _F)
+    for i in range(x.shape[1]):
+        sumlx += (w[:, i] * x[:, i]) * L[:, i]
+        suml2 += (w[:, i] * L[:, i]) * L[:, i]
+    active = ~tiny
+    for _ in range(5):
+        changed = np.zeros(len(x), bool)
+        for i in range(x.shape[1]):
+            wi, xi, li = w[:, i], x[:, i], L[:, i]
+            slx = sumlx - (wi * xi) * li
+            sl2 = suml2 - (wi * li) * li
+            with np.errstate(divide="ignore", invalid="ignore"):
+                new = np.clip(np.rint((xi * sl2) / slx), -nmax, nmax - 1).astype(_F)
+            try_it = active & (slx > 0) & (new != li)
+            slx = slx + (wi * xi) * new
+            sl2 = sl2 + (wi * new) * new
+            take = try_it & (sl2 > 0) & ((slx * slx) * suml2 > (sumlx * sumlx) * sl2)
+            L[:, i] = np.where(take, new, li)
+            sumlx = np.where(take, slx, sumlx).astype(_F)
+            suml2 = np.where(take, sl2, suml2).astype(_F)
+            changed |= take
+        active &= changed
+        if not active.any():
+            break
+    scale = np.where(suml2 > 0, sumlx / np.where(suml2 > 0, suml2, _F(1)), _F(0)).astype(_F)
+    codes = (L + nmax).astype(np.int16)
+    codes[tiny] = 0
+    scale[tiny] = 0
+    return codes, scale
+
+
+def _q3_k(x: np.ndarray) -> np.ndarray:
+    n = len(x)
+    codes, scales = _make_q3_quants(x.reshape(n * 16, 16), 4)
+    codes, scales = codes.reshape(n, 256), scales.reshape(n, 16)
+    max_scale, _ = _signed_absmax(scales)
+    has = max_scale != 0
+    iscale = _F(-32) / np.where(has, max_scale, _F(1))
+    l6 = np.where(has[:, None], np.clip(np.rint(iscale[:, None] * scales), -32, 31) + 32, 0)
+    l6 = l6.astype(np.uint8)
+    packed = np.zeros((n, 12), np.uint8)
+    packed[:, 0:8] = (l6[:, 0:8] & 15) | ((l6[:, 8:16] & 15) << 4)
+    high = (l6 >> 4) << (2 * (np.arange(16) // 4)).astype(np.uint8)  # scale j -> byte 8 + j % 4
+    packed[:, 8:12] = high.reshape(n, 4, 4).sum(axis=1, dtype=np.uint8)
+    d16 = np.where(has, _F(1) / iscale, _F(0)).astype(np.float16)
+    sc = np.where(has[:, None], l6.astype(np.int16) - 32, 0)
+    dj_e = np.repeat(d16.astype(_F)[:, None] * sc.astype(_F), 16, axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        requant = np.clip(np.rint(x / dj_e), -4, 3) + 4
+    codes = np.where(dj_e != 0, requant, codes).astype(np.uint8)
+    hb = (codes > 3).astype(np.uint8)
+    low = codes - 4 * hb
+    hmask = (hb.reshape(n, 8, 32) << np.arange(8, dtype=np.uint8)[None, :, None]).sum(
+        axis=1, dtype=np.uint8
+    )  # element e -> bit e // 32 of byte e % 32
+    c = low.reshape(n, 2, 4, 32)
+    qs = (c << (2 * np.arange(4, dtype=np.uint8))[None, None, :, None]).sum(axis=2, dtype=np.uint8)
+    return np.concatenate(
+        [hmask, qs.reshape(n, 64), packed, d16.reshape(-1, 1).view(np.uint8)], axis=1
+    )
+
+
 def _q6_k(x: np.ndarray) -> np.ndarray:
     n = len(x)
     sub = x.reshape(n * 16, 16)
@@ -450,8 +550,8 @@ TYPES: dict[str, BlockType] = {
         BlockType("Q5_0", 6, BLOCK, 22, _q5_0, _dq5_0),
         BlockType("Q5_1", 7, BLOCK, 24, _q5_1, _dq5_1),
         BlockType("Q8_0", 8, BLOCK, 34, _q8_0, _dq8_0),
-        BlockType("Q2_K", 10, QK_K, 84, None, _dq2_k),
-        BlockType("Q3_K", 11, QK_K, 110, None, _dq3_k),
+        BlockType("Q2_K", 10, QK_K, 84, _q2_k, _dq2_k),
+        BlockType("Q3_K", 11, QK_K, 110, _q3_k, _dq3_k),
         BlockType("Q4_K", 12, QK_K, 144, _q4_k, _dq4_k),
         BlockType("Q5_K", 13, QK_K, 176, _q5_k, _dq5_k),
         BlockType("Q6_K", 14, QK_K, 210, _q6_k, _dq6_k),
