@@ -34,8 +34,7 @@ class BlockType:
     type_id: int  # GGMLQuantizationType value
     block_size: int  # weights per block
     type_size: int  # bytes per block
-    # (n, block_size) float32 -> (n, type_size) uint8; None where only reading is supported so far
-    quantize: Callable[[np.ndarray], np.ndarray] | None
+    quantize: Callable[[np.ndarray], np.ndarray]  # (n, block_size) float32 -> (n, type_size) u8
     dequantize: Callable[[np.ndarray], np.ndarray]  # (n, type_size) u8 -> (n, block_size) f32
 
 
@@ -562,8 +561,6 @@ TYPES: dict[str, BlockType] = {
 def quantize_rows(x: np.ndarray, type_name: str) -> np.ndarray:
     """A 2-D float tensor (rows, cols) as the bytes a GGUF stores: uint8 (rows, cols/bs*size)."""
     t = TYPES[type_name]
-    if t.quantize is None:
-        raise NotImplementedError(f"writing {type_name} is not supported yet; reading it is")
     rows, cols = x.shape
     if cols % t.block_size:
         raise ValueError(f"{type_name} needs rows in multiples of {t.block_size}, not {cols}")
