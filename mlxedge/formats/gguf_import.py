@@ -15,7 +15,6 @@ Weights stay memory-mapped and are dequantized to float32 one tensor per `read()
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from gguf import GGMLQuantizationType as QType
 from gguf.quants import dequantize
 
 from mlxedge.errors import MlxedgeError
+from mlxedge.formats.gguf_names import hf_tensor_name, unpermute_qk
 from mlxedge.formats.gguf_tokenizer import TokenizerKeys, tokenizer_files_from_gguf
 from mlxedge.model import SourceModel, TensorInfo
 
@@ -58,70 +58,12 @@ ARCHITECTURES: dict[str, _Arch] = {
     "qwen3": _Arch("qwen3", "Qwen3ForCausalLM", permuted_qk=False, attention_bias=False),
 }
 
-# GGUF tensor name (without "blk.N.") -> Hugging Face name (without "model.layers.N.").
-_BLOCK_NAMES = {
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-}
-_GLOBAL_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-_BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
-
 # Storage types that gguf-py can turn into float32, with the dtype name TensorInfo reports.
 _FLOAT_NAMES = {QType.F32: "float32", QType.F16: "float16", QType.BF16: "bfloat16"}
 
 
 def _dequantizable(qtype: QType) -> bool:
     return qtype in (QType.F32, QType.F16) or qtype in gguf.quants._type_traits
-
-
-def hf_tensor_name(gguf_name: str) -> str | None:
-    """The Hugging Face name of a GGUF tensor, or None when this importer does not map it.
-
-    Args:
-        gguf_name: e.g. "blk.0.attn_q.weight".
-
-    Returns:
-        e.g. "model.layers.0.self_attn.q_proj.weight".
-    """
-    if gguf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[gguf_name]
-    match = _BLOCK_RE.fullmatch(gguf_name)
-    if match is None or match.group(2) not in _BLOCK_NAMES:
-        return None
-    layer, part, kind = match.groups()
-    return f"model.layers.{layer}.{_BLOCK_NAMES[part]}.{kind}"
-
-
-def unpermute_qk(rows: np.ndarray, n_head: int) -> np.ndarray:
-    """Undo llama.cpp's q/k row permutation (pairs -> halves within each head).
-
-    llama.cpp stores each head's rows as (head_dim/2, 2) interleaved pairs; Hugging Face stores
-    them as (2, head_dim/2) halves. Works on weights (rows, in) and biases (rows,).
-
-    Args:
-        rows: a q_proj or k_proj weight or bias in GGUF row order.
-        n_head: number of heads of that projection (key/value heads for k_proj).
-
-    Returns:
-        The tensor in Hugging Face row order, same shape.
-    """
-    shape = rows.shape
-    head_dim = shape[0] // n_head
-    paired = rows.reshape(n_head, head_dim // 2, 2, *shape[1:])  # (H, D/2, 2, in)
-    return paired.swapaxes(1, 2).reshape(shape)  # (H, 2, D/2, in) -> (H*D, in)
 
 
 class GGUFTensorSource:
