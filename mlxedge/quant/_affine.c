@@ -159,59 +159,51 @@ INLINE void rtn_params(float w_min, float w_max, float levels, float *scale, flo
 
 static const float SHRINK[3] = {0.0f, 0.05f, 0.12f};
 
-/* Squared-error search (see schemes._mse_chunk): candidate 0 is MLX's rule; each shrunk range
- * gets a least-squares refit, storage rounding, and codes recomputed with the rounded values. */
-INLINE void mse_search(const float *w, int n, float levels, int store, float w_min, float w_max,
-                       float *best_q, float *best_s, float *best_b) {
-    float s32, b32, q[MAX_GROUP];
-    rtn_params(w_min, w_max, levels, &s32, &b32);
-    codes_div(w, n, s32, b32, levels, best_q);
-    float bs = round_store(s32, store), bb = round_store(b32, store);
-    float best_err = sse(w, best_q, n, bs, bb);
-
-    const float span = w_max - w_min;
-    const float sw = lane_sum(w, n);
-    const float nf = (float)n;
-    for (int a = 0; a < 3; a++) {
-        for (int c = 0; c < 3; c++) {
-            float lo = w_min + SHRINK[a] * span;
-            float hi = w_max - SHRINK[c] * span;
-            float scale = (hi - lo) / levels;
-            scale = scale > EPS ? scale : EPS;
-            float sq, sqq, sqw;
-            codes_mul(w, n, 1.0f / scale, lo, levels, q);
-            refit_sums(w, q, n, &sq, &sqq, &sqw);
-            int32_t det = n * (int32_t)sqq - (int32_t)sq * (int32_t)sq;
-            float s, b;
-            if (det > 0) {
-                float detf = (float)det;
-                s = (nf * sqw - sq * sw) / detf;
-                b = (sqq * sw - sq * sqw) / detf;
-            } else {
-                s = scale;
-                b = lo;
-            }
-            s = round_store(s, store);
-            b = round_store(b, store);
-            if (s == 0.0f) s = round_store(scale, store);
-            codes_mul(w, n, 1.0f / s, b, levels, q);
-            float err = sse(w, q, n, s, b);
-            if (err < best_err) {
-                best_err = err;
-                bs = s;
-                bb = b;
-                memcpy(best_q, q, (size_t)n * sizeof(float));
-            }
-        }
+/* `mse` refit (see schemes._mse_chunk): least-squares scale and bias for the range's codes. */
+INLINE void refit_mse(const float *w, int n, float levels, int store, float lo, float scale,
+                      float sw, float *q, float *s_out, float *b_out) {
+    float sq, sqq, sqw;
+    codes_mul(w, n, 1.0f / scale, lo, levels, q);
+    refit_sums(w, q, n, &sq, &sqq, &sqw);
+    int32_t det = n * (int32_t)sqq - (int32_t)sq * (int32_t)sq;
+    float s, b;
+    if (det > 0) {
+        float detf = (float)det;
+        s = ((float)n * sqw - sq * sw) / detf;
+        b = (sqq * sw - sq * sqw) / detf;
+    } else {
+        s = scale;
+        b = lo;
     }
-    *best_s = bs;
-    *best_b = bb;
+    s = round_store(s, store);
+    *b_out = round_store(b, store);
+    *s_out = s == 0.0f ? round_store(scale, store) : s;
 }
 
-/* `mse-zero` (see schemes._zero_chunk): the same candidate ranges, each with an integer zero point
- * k (the code of 0.0) and a least-squares refit of the scale alone; the bias follows as -k * s. */
-INLINE void zero_search(const float *w, int n, float levels, int store, float w_min, float w_max,
-                        float *best_q, float *best_s, float *best_b) {
+/* `mse-zero` refit (see schemes._zero_chunk): an integer zero point k (the code of 0.0) and a
+ * least-squares refit of the scale alone; the bias follows as -k * s. */
+INLINE void refit_zero(const float *w, int n, float levels, int store, float lo, float scale,
+                       float *q, float *s_out, float *b_out) {
+    float inv = 1.0f / scale;
+    float k = clamp(rintf((-lo) * inv), levels);
+    codes_mul(w, n, inv, -(k * scale), levels, q);
+    v8f a_den = {0}, a_num = {0};
+    for (int j = 0; j < n; j += 8) {
+        v8f qk = load8(q + j) - k;
+        a_den += qk * qk;
+        a_num += qk * load8(w + j);
+    }
+    float den = combine(a_den), num = combine(a_num);
+    float s = round_store(den > 0.0f ? num / den : scale, store);
+    if (s == 0.0f) s = round_store(scale, store);
+    *s_out = s;
+    *b_out = round_store(-(k * s), store);
+}
+
+/* The frame both searches share (see schemes._search): candidate 0 is MLX's rule; each shrunk
+ * range is refitted by `method`, and codes are recomputed with the rounded scale and bias. */
+INLINE void search(const float *w, int n, float levels, int store, int method, float w_min,
+                   float w_max, float *best_q, float *best_s, float *best_b) {
     float s32, b32, q[MAX_GROUP];
     rtn_params(w_min, w_max, levels, &s32, &b32);
     codes_div(w, n, s32, b32, levels, best_q);
@@ -219,25 +211,18 @@ INLINE void zero_search(const float *w, int n, float levels, int store, float w_
     float best_err = sse(w, best_q, n, bs, bb);
 
     const float span = w_max - w_min;
+    const float sw = method == M_MSE ? lane_sum(w, n) : 0.0f;
     for (int a = 0; a < 3; a++) {
         for (int c = 0; c < 3; c++) {
             float lo = w_min + SHRINK[a] * span;
             float hi = w_max - SHRINK[c] * span;
             float scale = (hi - lo) / levels;
             scale = scale > EPS ? scale : EPS;
-            float inv = 1.0f / scale;
-            float k = clamp(rintf((-lo) * inv), levels);
-            codes_mul(w, n, inv, -(k * scale), levels, q);
-            v8f a_den = {0}, a_num = {0};
-            for (int j = 0; j < n; j += 8) {
-                v8f qk = load8(q + j) - k;
-                a_den += qk * qk;
-                a_num += qk * load8(w + j);
-            }
-            float den = combine(a_den), num = combine(a_num);
-            float s = round_store(den > 0.0f ? num / den : scale, store);
-            if (s == 0.0f) s = round_store(scale, store);
-            float b = round_store(-(k * s), store);
+            float s, b;
+            if (method == M_MSE)
+                refit_mse(w, n, levels, store, lo, scale, sw, q, &s, &b);
+            else
+                refit_zero(w, n, levels, store, lo, scale, q, &s, &b);
             codes_mul(w, n, 1.0f / s, b, levels, q);
             float err = sse(w, q, n, s, b);
             if (err < best_err) {
@@ -285,10 +270,8 @@ INLINE Py_ssize_t quantize_body(const void *src, int src_dtype, int sdt, int bit
             codes_div(w, gs, s32, b32, levels, q);
             s = round_store(s32, sdt);
             b = round_store(b32, sdt);
-        } else if (method == M_MSE) {
-            mse_search(w, gs, levels, sdt, w_min, w_max, q, &s, &b);
         } else {
-            zero_search(w, gs, levels, sdt, w_min, w_max, q, &s, &b);
+            search(w, gs, levels, sdt, method, w_min, w_max, q, &s, &b);
         }
         pack_codes(q, gs, bits, packed + (size_t)g * gs * bits / 8);
         put(scales, sdt, g, s);

@@ -230,15 +230,18 @@ _SHRINK = np.array([0.0, 0.05, 0.12], dtype=np.float32)
 _ONE = np.float32(1)
 
 
-def _mse_chunk(groups: np.ndarray, scheme: AffineScheme, dtype: np.dtype):
-    """Squared-error search for one chunk of groups; see `quantize` for the contract.
+def _search(groups: np.ndarray, scheme: AffineScheme, dtype: np.dtype, refit) -> tuple:
+    """The frame both searches share; see `quantize` for the contract.
 
-    The native kernel (`_affine.c`, `mse_search`) performs these same float32 operations in the
+    Candidate 0 is MLX's rule itself, judged with its stored (rounded) scale and bias and its own
+    codes: a candidate replaces it only when strictly better, so the search is never worse than
+    rtn per group. Each other candidate is the group's [min, max] shrunk by `_SHRINK` at each end;
+    `refit(lo, scale)` turns that range into a stored (rounded) scale and bias, and codes are then
+    assigned with those rounded values: what a reader will reconstruct is what is scored.
+    The native kernel (`_affine.c`, `search`) performs these same float32 operations in the
     same order; keep the two in step.
     """
     levels = scheme.levels
-    # Candidate 0 is MLX's rule itself, judged with its stored (rounded) scale and bias and its own
-    # codes: the search can only replace it by something strictly better, so mse <= rtn per group.
     s32, b32 = rtn_params(groups, levels)
     best_q = codes_for(groups, s32, b32, levels)
     best_s, best_b = _round_to(s32, dtype), _round_to(b32, dtype)
@@ -247,19 +250,12 @@ def _mse_chunk(groups: np.ndarray, scheme: AffineScheme, dtype: np.dtype):
     w_min = groups.min(axis=1)
     w_max = groups.max(axis=1)
     span = w_max - w_min
-    sw = _lane_sum(groups)
     for lo_cut in _SHRINK:
         for hi_cut in _SHRINK:
             lo = w_min + lo_cut * span
             hi = w_max - hi_cut * span
             scale = np.maximum((hi - lo) / np.float32(levels), _EPS)
-            q = _codes_mul(groups, _ONE / scale, lo, levels)
-            # Refit scale and bias to these codes, then round them to storage and re-assign codes
-            # with the rounded values: what a reader will reconstruct is what we score.
-            ls, lb, ok = _lsq_params(groups, q, sw)
-            s = _round_to(np.where(ok, ls, scale), dtype)
-            b = _round_to(np.where(ok, lb, lo), dtype)
-            s = np.where(s == 0, _round_to(scale, dtype), s)
+            s, b = refit(lo, scale)
             q = _codes_mul(groups, _ONE / s, b, levels)
             err = group_error(groups, q, s, b)
             better = err < best_err
@@ -269,6 +265,21 @@ def _mse_chunk(groups: np.ndarray, scheme: AffineScheme, dtype: np.dtype):
                 best_b = np.where(better, b, best_b)
                 best_q = np.where(better[:, None], q, best_q)
     return best_q, best_s, best_b
+
+
+def _mse_chunk(groups: np.ndarray, scheme: AffineScheme, dtype: np.dtype):
+    """`mse`: each candidate's codes get a least-squares refit of scale and bias."""
+    levels = scheme.levels
+    sw = _lane_sum(groups)
+
+    def refit(lo, scale):
+        q = _codes_mul(groups, _ONE / scale, lo, levels)
+        ls, lb, ok = _lsq_params(groups, q, sw)
+        s = _round_to(np.where(ok, ls, scale), dtype)
+        b = _round_to(np.where(ok, lb, lo), dtype)
+        return np.where(s == 0, _round_to(scale, dtype), s), b
+
+    return _search(groups, scheme, dtype, refit)
 
 
 def _zero_chunk(groups: np.ndarray, scheme: AffineScheme, dtype: np.dtype):
@@ -278,41 +289,22 @@ def _zero_chunk(groups: np.ndarray, scheme: AffineScheme, dtype: np.dtype):
     -k * scale, and a least-squares refit of the scale alone with k fixed; the bias follows the
     rounded scale. MLX's rule (candidate 0) also keeps zero on its grid. Measured on SmolLM2 at
     3 bits, groups of 64: a free squared-error fit raises KL divergence over MLX's rule, this one
-    lowers it (bench/RESULTS.md). The native kernel (`zero_search`) performs the same operations.
+    lowers it (bench/RESULTS.md).
     """
     levels = scheme.levels
-    s32, b32 = rtn_params(groups, levels)
-    best_q = codes_for(groups, s32, b32, levels)
-    best_s, best_b = _round_to(s32, dtype), _round_to(b32, dtype)
-    best_err = group_error(groups, best_q, best_s, best_b)
 
-    w_min = groups.min(axis=1)
-    w_max = groups.max(axis=1)
-    span = w_max - w_min
-    for lo_cut in _SHRINK:
-        for hi_cut in _SHRINK:
-            lo = w_min + lo_cut * span
-            hi = w_max - hi_cut * span
-            scale = np.maximum((hi - lo) / np.float32(levels), _EPS)
-            inv = _ONE / scale
-            k = np.clip(np.rint((-lo) * inv), 0, levels)  # the code of 0.0
-            q = _codes_mul(groups, inv, -(k * scale), levels)
-            qk = q - k[:, None]
-            den = _lane_sum(qk * qk)  # whole numbers below 2**24: exact in any order
-            num = _lane_sum(qk * groups)
-            ok = den > 0
-            s = _round_to(np.where(ok, num / np.where(ok, den, _ONE), scale), dtype)
-            s = np.where(s == 0, _round_to(scale, dtype), s)
-            b = _round_to(-(k * s), dtype)
-            q = _codes_mul(groups, _ONE / s, b, levels)
-            err = group_error(groups, q, s, b)
-            better = err < best_err
-            if better.any():
-                best_err = np.where(better, err, best_err)
-                best_s = np.where(better, s, best_s)
-                best_b = np.where(better, b, best_b)
-                best_q = np.where(better[:, None], q, best_q)
-    return best_q, best_s, best_b
+    def refit(lo, scale):
+        inv = _ONE / scale
+        k = np.clip(np.rint((-lo) * inv), 0, levels)  # the code of 0.0
+        qk = _codes_mul(groups, inv, -(k * scale), levels) - k[:, None]
+        den = _lane_sum(qk * qk)  # whole numbers below 2**24: exact in any order
+        num = _lane_sum(qk * groups)
+        ok = den > 0
+        s = _round_to(np.where(ok, num / np.where(ok, den, _ONE), scale), dtype)
+        s = np.where(s == 0, _round_to(scale, dtype), s)
+        return s, _round_to(-(k * s), dtype)
+
+    return _search(groups, scheme, dtype, refit)
 
 
 _SEARCHES = {"mse": _mse_chunk, "mse-zero": _zero_chunk}
