@@ -75,11 +75,23 @@ def _signed_max(x: np.ndarray) -> np.ndarray:
     return np.take_along_axis(x, np.abs(x).argmax(axis=1)[:, None], axis=1)[:, 0]
 
 
+def _symmetric_codes(x: np.ndarray, half: int) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_0/Q5_0: d = (signed max) / -half, codes trunc(x / d + half + 0.5) capped at 2*half - 1."""
+    d = _signed_max(x) / np.float32(-half)
+    q = (x * _inverse(d)[:, None] + np.float32(half + 0.5)).astype(np.int8)
+    return np.minimum(q, 2 * half - 1).astype(np.uint8), d
+
+
+def _min_max_codes(x: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q4_1/Q5_1: d = (max - min) / levels, codes trunc((x - min) / d + 0.5) capped at levels."""
+    lo, hi = x.min(axis=1), x.max(axis=1)
+    d = (hi - lo) / np.float32(levels)
+    q = (x - lo[:, None]) * _inverse(d)[:, None] + np.float32(0.5)
+    return np.minimum(q.astype(np.int8).astype(np.uint8), levels), d, lo
+
+
 def _q4_0(x: np.ndarray) -> np.ndarray:
-    d = _signed_max(x) / np.float32(-8)
-    q = np.minimum((x * _inverse(d)[:, None] + np.float32(8.5)).astype(np.int8), 15).astype(
-        np.uint8
-    )
+    q, d = _symmetric_codes(x, 8)
     return np.concatenate([_f16(d), _nibbles(q)], axis=1)
 
 
@@ -93,11 +105,7 @@ def pack_q4_1(q: np.ndarray, d: np.ndarray, m: np.ndarray) -> np.ndarray:
 
 
 def _q4_1(x: np.ndarray) -> np.ndarray:
-    lo, hi = x.min(axis=1), x.max(axis=1)
-    d = (hi - lo) / np.float32(15)
-    q = (x - lo[:, None]) * _inverse(d)[:, None] + np.float32(0.5)
-    q = np.minimum(q.astype(np.int8).astype(np.uint8), 15)
-    return pack_q4_1(q, d, lo)
+    return pack_q4_1(*_min_max_codes(x, 15))
 
 
 def _dq4_1(b: np.ndarray) -> np.ndarray:
@@ -106,9 +114,7 @@ def _dq4_1(b: np.ndarray) -> np.ndarray:
 
 
 def _q5_0(x: np.ndarray) -> np.ndarray:
-    d = _signed_max(x) / np.float32(-16)
-    q = np.minimum((x * _inverse(d)[:, None] + np.float32(16.5)).astype(np.int8), 31)
-    q = q.astype(np.uint8)
+    q, d = _symmetric_codes(x, 16)
     return np.concatenate([_f16(d), _high_bits(q), _nibbles(q & 0x0F)], axis=1)
 
 
@@ -124,11 +130,7 @@ def pack_q5_1(q: np.ndarray, d: np.ndarray, m: np.ndarray) -> np.ndarray:
 
 
 def _q5_1(x: np.ndarray) -> np.ndarray:
-    lo, hi = x.min(axis=1), x.max(axis=1)
-    d = (hi - lo) / np.float32(31)
-    q = (x - lo[:, None]) * _inverse(d)[:, None] + np.float32(0.5)
-    q = np.minimum(q.astype(np.int8).astype(np.uint8), 31)
-    return pack_q5_1(q, d, lo)
+    return pack_q5_1(*_min_max_codes(x, 31))
 
 
 def _dq5_1(b: np.ndarray) -> np.ndarray:
@@ -280,6 +282,22 @@ def _make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     return codes, scale
 
 
+def _pack_bit_plane(bits: np.ndarray) -> np.ndarray:
+    """(n, 256) single bits -> (n, 32): element e at bit e // 32 of byte e % 32 (Q3_K's hmask,
+    Q5_K's qh; the inverse of `_bits(b, at + _E % 32, _E // 32, 1)`)."""
+    planes = bits.reshape(len(bits), 8, 32) << np.arange(8, dtype=np.uint8)[None, :, None]
+    return planes.sum(axis=1, dtype=np.uint8)
+
+
+def _pack_crumbs(c: np.ndarray) -> np.ndarray:
+    """(n, 256) 2-bit values -> (n, 64): element 128h + 32g + l at bits 2g of byte 32h + l
+    (Q2_K/Q3_K's qs, Q6_K's qh; the inverse of `_bits(b, at + 32 * _H + _L, 2 * _G, 3)`)."""
+    quarters = (
+        c.reshape(len(c), 2, 4, 32) << (2 * np.arange(4, dtype=np.uint8))[None, None, :, None]
+    )
+    return quarters.sum(axis=2, dtype=np.uint8).reshape(len(c), 64)
+
+
 def _make_qkx2_quants(
     x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int, mad: bool
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -400,9 +418,7 @@ def _q4_k(x: np.ndarray) -> np.ndarray:
 
 def _q5_k(x: np.ndarray) -> np.ndarray:
     head, codes = _k_scales_mins(x, 31, -0.5, 15)
-    qh = (codes.reshape(len(codes), 8, 32) >> 4) << np.arange(8, dtype=np.uint8)[None, :, None]
-    qh = qh.sum(axis=1, dtype=np.uint8)  # bit e // 32 of byte e % 32
-    return np.concatenate([head, qh, _k_nibbles(codes & 15)], axis=1)
+    return np.concatenate([head, _pack_bit_plane(codes >> 4), _k_nibbles(codes & 15)], axis=1)
 
 
 def _q2_k(x: np.ndarray) -> np.ndarray:
@@ -426,10 +442,8 @@ def _q2_k(x: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
         requant = np.clip(np.rint((x + dmj_e) / dj_e), 0, 3)
     codes = np.where(dj_e != 0, requant, codes).astype(np.uint8)
-    c = codes.reshape(n, 2, 4, 32)  # element 128h + 32g + l -> bits 2g of byte 32h + l
-    qs = (c << (2 * np.arange(4, dtype=np.uint8))[None, None, :, None]).sum(axis=2, dtype=np.uint8)
     return np.concatenate(
-        [packed, qs.reshape(n, 64), d16.reshape(-1, 1).view(np.uint8),
+        [packed, _pack_crumbs(codes), d16.reshape(-1, 1).view(np.uint8),
          dmin16.reshape(-1, 1).view(np.uint8)], axis=1,
     )  # fmt: skip
 
@@ -496,13 +510,8 @@ def _q3_k(x: np.ndarray) -> np.ndarray:
     codes = np.where(dj_e != 0, requant, codes).astype(np.uint8)
     hb = (codes > 3).astype(np.uint8)
     low = codes - 4 * hb
-    hmask = (hb.reshape(n, 8, 32) << np.arange(8, dtype=np.uint8)[None, :, None]).sum(
-        axis=1, dtype=np.uint8
-    )  # element e -> bit e // 32 of byte e % 32
-    c = low.reshape(n, 2, 4, 32)
-    qs = (c << (2 * np.arange(4, dtype=np.uint8))[None, None, :, None]).sum(axis=2, dtype=np.uint8)
     return np.concatenate(
-        [hmask, qs.reshape(n, 64), packed, d16.reshape(-1, 1).view(np.uint8)], axis=1
+        [_pack_bit_plane(hb), _pack_crumbs(low), packed, d16.reshape(-1, 1).view(np.uint8)], axis=1
     )
 
 
@@ -531,11 +540,7 @@ def _q6_k(x: np.ndarray) -> np.ndarray:
         ],
         axis=2,
     ).reshape(n, 128)
-    qh = (
-        ((c >> 4) << (2 * np.arange(4, dtype=np.uint8))[None, None, :, None])
-        .sum(axis=2, dtype=np.uint8)
-        .reshape(n, 64)
-    )
+    qh = _pack_crumbs(codes >> 4)
     out = np.concatenate([ql, qh, sc.view(np.uint8), d16.reshape(-1, 1).view(np.uint8)], axis=1)
     out[empty] = 0
     return out.astype(np.uint8)
