@@ -57,10 +57,9 @@ def bos_id(model: RunnableModel) -> int | None:
         token = token.get("content")
     if model.tokenizer_json is None or not token:
         return model.config.get("bos_token_id")
-    vocab = json.loads(model.tokenizer_json)["model"]["vocab"]
-    added = {
-        t["content"]: t["id"] for t in json.loads(model.tokenizer_json).get("added_tokens", [])
-    }
+    tok = json.loads(model.tokenizer_json)
+    added = {t["content"]: t["id"] for t in tok.get("added_tokens", [])}
+    vocab = tok["model"]["vocab"]
     return added.get(token, vocab.get(token) if isinstance(vocab, dict) else None)
 
 
@@ -117,6 +116,21 @@ def budget_protocol(ids: list[int], budget: int, bos: int | None, text: Text) ->
     if bos is not None:
         seq[0, 0] = bos
     return Protocol(seq, 0, f"first {budget} tokens, every prediction after the first scored")
+
+
+def budget_of(run, ctx: int) -> int | None:
+    """The token budget `run` is held to, or None when it runs the full protocol."""
+    budget = run.token_budget
+    return budget if budget is not None and budget < ctx else None
+
+
+def protocol_for(
+    budget: int | None, ids: list[int], ctx: int, bos: int | None, max_windows, text: Text
+) -> Protocol:
+    """The budget protocol for a budgeted backend, llama.cpp's windows for the others."""
+    if budget is not None:
+        return budget_protocol(ids, budget, bos, text)
+    return full_protocol(ids, ctx, bos, max_windows, text)
 
 
 class _Memo:
@@ -179,10 +193,7 @@ def evaluate(
         raise MlxedgeError(f"the {backend} backend cannot run here: {e}") from None
     ids = tokenize(text, tok_model.tokenizer_json, tok_model.name)
     bos = bos_id(tok_model)
-    if run.token_budget is not None and run.token_budget < ctx:
-        protocol = budget_protocol(ids, run.token_budget, bos, text)
-    else:
-        protocol = full_protocol(ids, ctx, bos, max_windows, text)
+    protocol = protocol_for(budget_of(run, ctx), ids, ctx, bos, max_windows, text)
     against = _Memo(ReferenceBackend(reference)) if reference is not None else None
     stats = _score(_Memo(run), protocol, against, candidate.name, progress)
     return {
@@ -266,13 +277,9 @@ def crosscheck(
             except BackendUnavailable as e:
                 row.skipped = str(e)
                 continue
-            budget = run.token_budget if run.token_budget and run.token_budget < ctx else None
-            if budget not in protocols:
-                protocols[budget] = (
-                    budget_protocol(ids, budget, bos, text)
-                    if budget
-                    else full_protocol(ids, ctx, bos, max_windows, text)
-                )
+            budget = budget_of(run, ctx)
+            if budget not in protocols:  # one per budget: memoized logits are keyed by protocol
+                protocols[budget] = protocol_for(budget, ids, ctx, bos, max_windows, text)
             protocol = protocols[budget]
             row.device, row.protocol = run.device, protocol.description
             memo = own if name == "reference" else _Memo(run)
