@@ -15,8 +15,7 @@ from rich.table import Table
 
 from . import __version__
 from .errors import MlxedgeError
-from .quant.recipes import DEFAULT_RECIPE, RECIPES
-from .quant.schemes import DEFAULT_METHOD, METHODS
+from .quant.defaults import DEFAULT_METHOD, DEFAULT_RECIPE, METHODS, RECIPES
 
 console = Console(stderr=True)
 # Wider than the 80 columns rich assumes when output is piped (CI logs, files): tables stay legible.

@@ -23,10 +23,9 @@ from .errors import MlxedgeError
 from .formats import mlx as mlx_format
 from .model import SourceModel, TensorInfo
 from .quant import backend
-from .quant.recipes import DEFAULT_RECIPE, QuantOptions, TensorPlan, plan_tensors
+from .quant.defaults import DEFAULT_METHOD, DEFAULT_RECIPE, METHODS
+from .quant.recipes import QuantOptions, TensorPlan, plan_tensors
 from .quant.schemes import (
-    DEFAULT_METHOD,
-    METHODS,
     STORAGE_DTYPES,
     AffineScheme,
     QuantizedTensor,

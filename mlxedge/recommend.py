@@ -20,8 +20,8 @@ from pathlib import Path
 from .archs import Role, arch_for
 from .errors import MlxedgeError
 from .model import TensorInfo
-from .quant.recipes import DEFAULT_RECIPE, QuantOptions, plan_tensors
-from .quant.schemes import DEFAULT_METHOD
+from .quant.defaults import DEFAULT_METHOD, DEFAULT_RECIPE
+from .quant.recipes import QuantOptions, plan_tensors
 
 BITS = (2, 3, 4, 5, 6, 8)
 GROUPS = (32, 64, 128)

@@ -17,7 +17,8 @@ import numpy as np
 
 from ..errors import MlxedgeError
 from . import schemes
-from .schemes import METHODS, AffineScheme, QuantizedTensor
+from .defaults import METHODS
+from .schemes import AffineScheme, QuantizedTensor
 
 log = logging.getLogger(__name__)
 

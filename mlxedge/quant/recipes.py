@@ -8,14 +8,8 @@ from dataclasses import dataclass
 from ..archs import LlamaFamily, Role
 from ..errors import MlxedgeError
 from ..model import TensorInfo
+from .defaults import DEFAULT_RECIPE, RECIPES
 from .schemes import SUPPORTED_BITS, AffineScheme
-
-RECIPES = ("uniform", "mixed")
-# The default, chosen from bench/RESULTS.md's choice-text columns: on SmolLM2 the mixed recipe at
-# 3 bits (4.13 bits per weight) has mean KL 1.02 where uniform 3-bit groups of 32 (4.00) have
-# 1.38 and uniform 4-bit (4.50) 0.36-0.57; a few more bits in the layers that matter beat more
-# bits everywhere. See README "Defaults".
-DEFAULT_RECIPE = "mixed"
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ import ml_dtypes
 import numpy as np
 
 from ..errors import MlxedgeError
+from .defaults import METHODS
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
@@ -29,12 +30,6 @@ STORAGE_DTYPES = {
     "bfloat16": np.dtype(ml_dtypes.bfloat16),
     "float32": np.dtype(np.float32),
 }
-METHODS = ("rtn", "mse", "mse-zero")
-# The default, chosen from bench/RESULTS.md's choice-text columns where SmolLM2's own 4-bit grid
-# flatters no method (2 and 3 bits): keeping zero on the grid lowered mean KL against MLX's rule by
-# 13 % (groups of 64) and 17 % (groups of 32) at 3 bits, where a free squared-error fit raised it
-# by 34 % (groups of 64). See README "Defaults".
-DEFAULT_METHOD = "mse-zero"
 
 # MLX floors the scale at this value so an all-equal group never divides by zero.
 _EPS = np.float32(1e-7)
