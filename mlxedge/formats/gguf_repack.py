@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..quant.schemes import QuantizedTensor, dequantize, unpack
-from .ggml_blocks import BLOCK, pack_q4_1, pack_q5_1
+from .ggml_blocks import BLOCK, dequantize_rows, pack_q4_1, pack_q5_1
 
 REPACKABLE = {4: "Q4_1", 5: "Q5_1"}
 
@@ -61,8 +61,6 @@ def repack(qt: QuantizedTensor) -> Repacked:
     )
     error = 0.0
     if not lossless:
-        from .ggml_blocks import dequantize_rows
-
         ours = dequantize_rows(data, REPACKABLE[qt.scheme.bits], cols)
         error = float(np.abs(ours - dequantize(qt)).max())
     return Repacked(REPACKABLE[qt.scheme.bits], data, lossless, error)

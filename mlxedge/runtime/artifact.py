@@ -48,9 +48,8 @@ class RunnableModel:
 class DequantizedMLX:
     """The tensors of a quantized MLX folder, with every quantized weight dequantized on read."""
 
-    def __init__(self, checkpoint: HFCheckpoint, quantization: dict, where: Path) -> None:
+    def __init__(self, checkpoint: HFCheckpoint, quantization: dict) -> None:
         self._ckpt = checkpoint
-        self._where = where
         raw = {i.name: i for i in checkpoint.infos()}
         self._schemes: dict[str, AffineScheme] = {}
         infos = []
@@ -113,7 +112,7 @@ def open_model(spec: str, revision: str | None = None) -> RunnableModel:
     config = _read_json(path / "config.json") if path.is_dir() else {}
     if path.is_dir() and "quantization" in config:
         quantization = config["quantization"]
-        weights = DequantizedMLX(HFCheckpoint.from_folder(path), quantization, path)
+        weights = DequantizedMLX(HFCheckpoint.from_folder(path), quantization)
         tok = path / "tokenizer.json"
         return RunnableModel(
             name=path.name,
