@@ -19,56 +19,12 @@ from ..archs import Role, arch_for
 from ..errors import MlxedgeError
 from .ggml_blocks import TYPES, quantize_rows
 from .gguf_names import gguf_tensor_name, permute_qk
+from .gguf_vocab import add_tokenizer
 
 # llama-style rotary (rotate-half in Hugging Face) is stored permuted for llama.cpp's "norm" rope;
 # qwen2/qwen3 use llama.cpp's "neox" rope, which reads Hugging Face's order as it is.
 _PERMUTED = {"llama": True, "mistral": True, "qwen2": False, "qwen3": False}
 _GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
-_SPECIAL_LOOKING = ("<|", "<｜", "<pad>", "<mask>", "<unused")
-
-
-def _tokenizer(writer: gguf.GGUFWriter, config: dict, tok_json: dict, tok_config: dict, pre: str):
-    """A byte-level BPE tokenizer as tokenizer.ggml.* (model "gpt2")."""
-    model = tok_json.get("model", {})
-    if model.get("type") != "BPE":
-        raise MlxedgeError(
-            f"tokenizer model {model.get('type')!r} cannot be exported yet",
-            fix="byte-level BPE tokenizers are supported",
-        )
-    vocab_size = int(config["vocab_size"])
-    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
-    types = [gguf.TokenType.UNUSED] * vocab_size
-    for text, i in model["vocab"].items():
-        if i < vocab_size:
-            tokens[i], types[i] = text, gguf.TokenType.NORMAL
-    for added in tok_json.get("added_tokens", []):
-        i = added["id"]
-        if i < vocab_size:
-            special = added.get("special") or added["content"].startswith(_SPECIAL_LOOKING)
-            tokens[i] = added["content"]
-            types[i] = gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
-    ids = {t: i for i, t in enumerate(tokens)}
-    for key, add in (
-        ("bos_token", writer.add_bos_token_id),
-        ("eos_token", writer.add_eos_token_id),
-        ("pad_token", writer.add_pad_token_id),
-        ("unk_token", writer.add_unk_token_id),
-    ):
-        token = tok_config.get(key)
-        if isinstance(token, dict):
-            token = token.get("content")
-        if token in ids:
-            add(ids[token])
-    writer.add_add_bos_token(bool(tok_config.get("add_bos_token", False)))
-    writer.add_add_eos_token(bool(tok_config.get("add_eos_token", False)))
-    if tok_config.get("chat_template"):
-        writer.add_chat_template(tok_config["chat_template"])
 
 
 def write_gguf(
@@ -113,7 +69,9 @@ def write_gguf(
     if c.get("rope_scaling"):
         raise MlxedgeError("rope scaling cannot be exported yet", fix="export a model without it")
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    _tokenizer(writer, config, json.loads(tokenizer_json), tokenizer_config, pre)
+    add_tokenizer(
+        writer, int(config["vocab_size"]), json.loads(tokenizer_json), tokenizer_config, pre
+    )
 
     for info in weights.infos():
         role = arch.role(info.name)
