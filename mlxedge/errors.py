@@ -25,3 +25,13 @@ class MlxedgeError(Exception):
         if self.fix:
             text += f"\n  fix: {self.fix}"
         return text
+
+
+def non_finite(tensor: str, path: str | Path) -> MlxedgeError:
+    """The error for a weight holding NaN or Inf, wherever it is found."""
+    return MlxedgeError(
+        f"tensor {tensor!r} contains NaN or Inf values",
+        path=path,
+        fix="the checkpoint is damaged (or was saved after a diverged training step); "
+        "use an intact copy",
+    )

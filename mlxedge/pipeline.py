@@ -19,7 +19,7 @@ import numpy as np
 
 from .archs import Role, arch_for
 from .checkpoint import atomic_output, write_checkpoint
-from .errors import MlxedgeError
+from .errors import MlxedgeError, non_finite
 from .formats import mlx as mlx_format
 from .model import SourceModel, TensorInfo
 from .quant import backend
@@ -126,18 +126,9 @@ def default_output_name(source: SourceModel, opts: QuantOptions, method: str) ->
     return name
 
 
-def _non_finite(info: TensorInfo, origin: str) -> MlxedgeError:
-    return MlxedgeError(
-        f"tensor {info.name!r} contains NaN or Inf values",
-        path=origin,
-        fix="the checkpoint is damaged (or was saved after a diverged training step); "
-        "use an intact copy",
-    )
-
-
 def _check_finite(info: TensorInfo, w: np.ndarray, origin: str) -> None:
     if not np.isfinite(w.astype(np.float32, copy=False)).all():
-        raise _non_finite(info, origin)
+        raise non_finite(info.name, origin)
 
 
 @dataclass(frozen=True)
@@ -230,7 +221,7 @@ def _stream(
             try:
                 parts.append(backend.quantize(w, plan.scheme, dtype, method))
             except backend.NonFiniteWeights:
-                raise _non_finite(plan.info, source.origin) from None
+                raise non_finite(plan.info.name, source.origin) from None
             del w
             if not read.last:
                 continue

@@ -1,14 +1,23 @@
-"""Write a model as a GGUF file llama.cpp loads: metadata, tokenizer and tensors.
+"""Write a model as a GGUF file that llama.cpp, Ollama and LM Studio load.
 
-This first version writes float tensors (F32/F16) and any single block type for the linear
-weights; the llama.cpp file mixes (Q4_K_M and the like) and the CLI build on it. gguf-py's
-`GGUFWriter` does the file layout (header, key/value pairs, aligned tensor data); what goes in is
-decided here.
+One tensor at a time: every tensor's type and byte size is planned first (from the mix rules and
+the shapes alone), the header, metadata and tensor table are written, then each tensor is read,
+converted and appended, so memory holds one tensor, never the model. gguf-py's `GGUFWriter` does
+the file layout (header, key/value pairs, aligned tensor data); what goes in is decided here.
+
+Sources: a float model (Hugging Face folder, Hub id, GGUF, `smollm2`), quantized to a llama.cpp
+mix, or an MLX folder. An MLX folder's 4- and 5-bit tensors are repacked as Q4_1/Q5_1 without
+re-quantizing (`gguf_repack`); everything else in it is re-quantized from its dequantized weights,
+with a warning that says so.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import gguf
@@ -16,49 +25,127 @@ import numpy as np
 from gguf import GGMLQuantizationType as QType
 
 from ..archs import Role, arch_for
-from ..errors import MlxedgeError
+from ..checkpoint import atomic_file
+from ..errors import MlxedgeError, non_finite
 from .ggml_blocks import TYPES, quantize_rows
+from .gguf_mix import FLOAT_TYPES, MIXES, TYPE_BITS, Mix, ModelShape, mix_named, tensor_type
 from .gguf_names import gguf_tensor_name, permute_qk
+from .gguf_repack import REPACKABLE, repack
 from .gguf_vocab import add_tokenizer
+
+log = logging.getLogger(__name__)
 
 # llama-style rotary (rotate-half in Hugging Face) is stored permuted for llama.cpp's "norm" rope;
 # qwen2/qwen3 use llama.cpp's "neox" rope, which reads Hugging Face's order as it is.
 _PERMUTED = {"llama": True, "mistral": True, "qwen2": False, "qwen3": False}
 _GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+# MLX bit widths that have no lossless ggml form go to the nearest block type (re-quantized).
+_NEAREST = {2: "Q2_K", 3: "Q3_K", 6: "Q6_K", 8: "Q8_0"}
+_ROPE_FREQS = "rope_freqs.weight"
 
 
-def write_gguf(
-    path: Path,
-    name: str,
-    config: dict,
-    weights,
-    tokenizer_json: bytes,
-    tokenizer_config: dict,
-    linear_type: str = "F32",
-    pre: str = "gpt-2",
-) -> None:
-    """Write `weights` (a TensorSource under Hugging Face names) as a GGUF file.
+@dataclass
+class TensorPlan:
+    """One tensor of the output file.
 
-    Norms and biases are F32; every other tensor (linears, embedding, head) is `linear_type`
-    ("F32", "F16" or a block type of `ggml_blocks.TYPES`), falling back to F16 where a row does
-    not divide into blocks.
+    Attributes:
+        source: the Hugging Face name it is read from (None for tensors computed here).
+        name: the GGUF name.
+        shape: numpy shape (rows, cols) of the weights it holds.
+        type_name: ggml type ("F32", "Q4_K", ...).
+        repack: carried over from MLX codes without re-quantizing.
+        requantized_from: the MLX bit width it was re-quantized from, when it was.
+        nbytes: bytes in the file (without alignment padding).
     """
-    arch = arch_for(config, "config.json")
-    kind = arch.model_type
-    gguf_arch = _GGUF_ARCH[kind]
+
+    source: str | None
+    name: str
+    shape: tuple[int, ...]
+    type_name: str
+    repack: bool = False
+    requantized_from: int | None = None
+    nbytes: int = 0
+
+    @property
+    def params(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass
+class ExportReport:
+    """What was written: the tensors (in file order) and anything worth a warning."""
+
+    path: Path
+    mix: str
+    file_type: int
+    tensors: list[TensorPlan]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    def by_type(self) -> list[tuple[str, int, int, int]]:
+        """(type, tensor count, parameters, bytes) per ggml type, most bytes first."""
+        rows: dict[str, list[int]] = {}
+        for t in self.tensors:
+            row = rows.setdefault(t.type_name, [0, 0, 0])
+            row[0] += 1
+            row[1] += t.params
+            row[2] += t.nbytes
+        return sorted(((k, *v) for k, v in rows.items()), key=lambda r: -r[3])
+
+
+def _nbytes(type_name: str, shape: tuple[int, ...]) -> int:
+    n = math.prod(shape)
+    if type_name in FLOAT_TYPES:
+        return n * int(TYPE_BITS[type_name]) // 8
+    t = TYPES[type_name]
+    return n // t.block_size * t.type_size
+
+
+def _model_shape(config: dict, gguf_arch: str, tied: bool) -> ModelShape:
+    n_head = int(config["num_attention_heads"])
+    return ModelShape(
+        n_layer=int(config["num_hidden_layers"]),
+        n_head=n_head,
+        n_head_kv=int(config.get("num_key_value_heads") or n_head),
+        arch=gguf_arch,
+        tied=tied,
+    )
+
+
+def _rope_freqs(config: dict, head_dim: int) -> np.ndarray | None:
+    """llama.cpp's per-frequency divisors for Llama 3.1-style rope scaling, else None."""
+    scaling = config.get("rope_scaling") or {}
+    if scaling.get("rope_type", scaling.get("type")) != "llama3":
+        return None
+    factor = float(scaling.get("factor", 8.0))
+    low = float(scaling.get("low_freq_factor", 1.0))
+    high = float(scaling.get("high_freq_factor", 4.0))
+    old_len = float(scaling.get("original_max_position_embeddings", 8192))
+    theta = float(config.get("rope_theta", 10000.0))
+    inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelen = 2 * math.pi / inv
+    smooth = (old_len / wavelen - low) / (high - low)
+    divisor = np.where(
+        wavelen < old_len / high,
+        1.0,
+        np.where(wavelen > old_len / low, factor, 1.0 / ((1 - smooth) / factor + smooth)),
+    )
+    return divisor.astype(np.float32)
+
+
+def _add_hyperparameters(writer: gguf.GGUFWriter, config: dict, gguf_arch: str) -> None:
     c = config
     n_head = int(c["num_attention_heads"])
-    n_kv = int(c.get("num_key_value_heads") or n_head)
     head_dim = int(c.get("head_dim") or int(c["hidden_size"]) // n_head)
-    writer = gguf.GGUFWriter(str(path), gguf_arch)
-    writer.add_type("model")
-    writer.add_name(name)
     writer.add_context_length(int(c.get("max_position_embeddings", 2048)))
     writer.add_embedding_length(int(c["hidden_size"]))
     writer.add_block_count(int(c["num_hidden_layers"]))
     writer.add_feed_forward_length(int(c["intermediate_size"]))
     writer.add_head_count(n_head)
-    writer.add_head_count_kv(n_kv)
+    writer.add_head_count_kv(int(c.get("num_key_value_heads") or n_head))
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     if gguf_arch == "llama":
@@ -66,33 +153,189 @@ def write_gguf(
         writer.add_vocab_size(int(c["vocab_size"]))
     writer.add_rope_freq_base(float(c.get("rope_theta", 10000.0)))
     writer.add_layer_norm_rms_eps(float(c.get("rms_norm_eps", 1e-6)))
-    if c.get("rope_scaling"):
-        raise MlxedgeError("rope scaling cannot be exported yet", fix="export a model without it")
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    add_tokenizer(
-        writer, int(config["vocab_size"]), json.loads(tokenizer_json), tokenizer_config, pre
-    )
+    scaling = c.get("rope_scaling") or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(scaling["factor"]))
+    elif kind not in ("default", "llama3", None):
+        raise MlxedgeError(
+            f"rope scaling {kind!r} cannot be exported to GGUF yet",
+            path="config.json",
+            fix="supported: no scaling, 'linear' and 'llama3'",
+        )
 
-    for info in weights.infos():
+
+def plan_tensors(model, mix: Mix | None, pure: bool = False) -> tuple[list[TensorPlan], list[str]]:
+    """Every tensor of the output file with its type, and the warnings the plan calls for.
+
+    Args:
+        model: a `runtime.artifact.RunnableModel` (float model or MLX folder).
+        mix: a llama.cpp mix; None for an MLX folder's own precision (lossless repack).
+        pure: every quantizable tensor gets the mix's default type (llama-quantize --pure).
+    """
+    arch = arch_for(model.config, "config.json")
+    gguf_arch = _GGUF_ARCH[arch.model_type]
+    infos = [i for i in model.weights.infos() if arch.role(i.name) != Role.DROP]
+    tied = not any(i.name == "lm_head.weight" for i in infos)
+    shape = _model_shape(model.config, gguf_arch, tied)
+    quantized = getattr(model.weights, "scheme", lambda name: None)
+    plans: list[TensorPlan] = []
+    requantized: dict[int, int] = {}
+    for info in infos:
+        name = gguf_tensor_name(info.name)
+        if name is None:
+            raise MlxedgeError(f"no GGUF name for tensor {info.name!r}", path=model.name)
         role = arch.role(info.name)
-        if role == Role.DROP:
-            continue
-        out_name = gguf_tensor_name(info.name)
-        if out_name is None:
-            raise MlxedgeError(f"no GGUF name for tensor {info.name!r}")
-        w = np.asarray(weights.read(info.name), dtype=np.float32)
-        if _PERMUTED[kind] and info.name.endswith(("q_proj.weight", "q_proj.bias")):
-            w = permute_qk(w, n_head)
-        elif _PERMUTED[kind] and info.name.endswith(("k_proj.weight", "k_proj.bias")):
-            w = permute_qk(w, n_kv)
-        if role in (Role.NORM, Role.BIAS) or w.ndim == 1 or linear_type == "F32":
-            writer.add_tensor(out_name, np.ascontiguousarray(w, dtype=np.float32))
-        elif linear_type == "F16" or w.shape[-1] % TYPES[linear_type].block_size:
-            writer.add_tensor(out_name, w.astype(np.float16))
+        plan = TensorPlan(info.name, name, tuple(info.shape), "F32")
+        scheme = quantized(info.name)
+        if role in (Role.NORM, Role.BIAS) or len(info.shape) < 2:
+            pass
+        elif mix is not None:
+            plan.type_name = tensor_type(mix, name, info.shape, shape, pure)
+            if scheme is not None:
+                requantized[scheme.bits] = requantized.get(scheme.bits, 0) + 1
+        elif scheme is None:  # a float tensor of an MLX folder keeps 16 bits
+            plan.type_name = "BF16" if model.config.get("torch_dtype") == "bfloat16" else "F16"
+        elif scheme.bits in REPACKABLE and scheme.group_size % 32 == 0:
+            plan.type_name, plan.repack = REPACKABLE[scheme.bits], True
         else:
-            data = quantize_rows(w, linear_type)
-            writer.add_tensor(out_name, data, raw_shape=data.shape, raw_dtype=QType[linear_type])
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+            t = _NEAREST.get(scheme.bits, "Q8_0")
+            plan.type_name = tensor_type(Mix(t, 0, t), name, info.shape, shape, pure=True)
+            plan.requantized_from = scheme.bits
+            requantized[scheme.bits] = requantized.get(scheme.bits, 0) + 1
+        plan.nbytes = _nbytes(plan.type_name, plan.shape)
+        plans.append(plan)
+    head_dim = int(model.config.get("head_dim") or 0) or (
+        int(model.config["hidden_size"]) // int(model.config["num_attention_heads"])
+    )
+    if _rope_freqs(model.config, head_dim) is not None:
+        plans.append(TensorPlan(None, _ROPE_FREQS, (head_dim // 2,), "F32", nbytes=head_dim * 2))
+    warnings = []
+    for bits, count in sorted(requantized.items()):
+        how = "the mix" if mix is not None else "the nearest ggml type"
+        warnings.append(
+            f"{count} tensors quantized to {bits} bits in the MLX folder were re-quantized from "
+            f"their dequantized weights to {how} (only 4- and 5-bit groups of a multiple of 32 "
+            "carry over without loss, when exported without --type)"
+        )
+    return plans, warnings
+
+
+def _convert(plan: TensorPlan, model, n_head: int, n_kv: int, permuted: bool) -> np.ndarray:
+    """The bytes (or float array) of one planned tensor, in llama.cpp's row order."""
+    if plan.source is None:
+        head_dim = plan.shape[0] * 2
+        return _rope_freqs(model.config, head_dim)
+    heads = None
+    if permuted and plan.source.endswith(("q_proj.weight", "q_proj.bias")):
+        heads = n_head
+    elif permuted and plan.source.endswith(("k_proj.weight", "k_proj.bias")):
+        heads = n_kv
+    if plan.repack:
+        packed = repack(model.weights.quantized(plan.source))
+        if not packed.lossless:
+            log.warning(
+                "%s: scales or biases are not float16 values; largest error %.3g",
+                plan.source,
+                packed.max_abs_error,
+            )
+        data = packed.data
+    else:
+        w = np.asarray(model.weights.read(plan.source), dtype=np.float32)
+        if not np.isfinite(w).all():
+            raise non_finite(plan.source, model.name)
+        if plan.type_name == "F32":
+            data = np.ascontiguousarray(w)
+        elif plan.type_name == "F16":
+            data = w.astype(np.float16)
+        elif plan.type_name == "BF16":
+            data = gguf.quants.quantize(w, QType.BF16).view(np.uint8)
+        else:
+            data = quantize_rows(w, plan.type_name)
+    return permute_qk(data, heads) if heads else data
+
+
+def write_gguf(
+    model,
+    path: Path,
+    type_name: str | None = "Q4_K_M",
+    pre_tokenizer: str | None = None,
+    pure: bool = False,
+    force: bool = False,
+    on_plan: Callable[[list[TensorPlan]], None] | None = None,
+    on_tensor: Callable[[TensorPlan], None] | None = None,
+) -> ExportReport:
+    """Write `model` (a `runtime.artifact.RunnableModel`) as the GGUF file `path`.
+
+    Args:
+        type_name: a llama.cpp mix (`Q4_K_M`, `Q8_0`, `F16`, ...; see `gguf_mix.MIXES`); None for
+            an MLX folder's own precision.
+        pre_tokenizer: llama.cpp's pre-tokenizer name; None reads it from tokenizer.json.
+        pure: every quantizable tensor gets the mix's default type.
+        force: replace `path` if it exists.
+
+    Raises:
+        MlxedgeError: unknown type, an architecture or tokenizer GGUF cannot express, NaN/Inf
+            weights, an existing output without `force`, a full disk. Nothing is left behind.
+    """
+    mix = mix_named(type_name) if type_name is not None else None
+    if mix is None and getattr(model.weights, "scheme", None) is None:
+        mix = mix_named("F16")
+    if model.tokenizer_json is None:
+        raise MlxedgeError(
+            "the model has no tokenizer.json; a GGUF file must carry its tokenizer",
+            path=model.name,
+            fix="add the original model's tokenizer files to the folder",
+        )
+    config = model.config
+    arch = arch_for(config, "config.json")
+    gguf_arch = _GGUF_ARCH[arch.model_type]
+    plans, warnings = plan_tensors(model, mix, pure)
+    tok_json = json.loads(model.tokenizer_json)
+    file_type = mix.file_type if mix is not None else _dominant_file_type(plans)
+    n_head = int(config["num_attention_heads"])
+    n_kv = int(config.get("num_key_value_heads") or n_head)
+    with atomic_file(Path(path), force=force) as temp:
+        writer = gguf.GGUFWriter(str(temp), gguf_arch)
+        writer.add_type("model")
+        writer.add_name(model.name)
+        _add_hyperparameters(writer, config, gguf_arch)
+        writer.add_file_type(file_type)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        add_tokenizer(
+            writer, int(config["vocab_size"]), tok_json, model.tokenizer_config, pre_tokenizer
+        )
+        for p in plans:
+            if p.type_name in FLOAT_TYPES and p.type_name != "BF16":
+                dtype = np.float32 if p.type_name == "F32" else np.float16
+                writer.add_tensor_info(p.name, p.shape, np.dtype(dtype), p.nbytes)
+            else:
+                raw = QType[p.type_name]
+                block, size = gguf.GGML_QUANT_SIZES[raw]
+                byte_shape = (*p.shape[:-1], p.shape[-1] // block * size)
+                writer.add_tensor_info(p.name, byte_shape, np.dtype(np.uint8), p.nbytes, raw)
+        if on_plan is not None:
+            on_plan(plans)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        try:
+            for p in plans:
+                data = _convert(p, model, n_head, n_kv, _PERMUTED[arch.model_type])
+                writer.write_tensor_data(np.ascontiguousarray(data))
+                if on_tensor is not None:
+                    on_tensor(p)
+        finally:
+            writer.close()
+    return ExportReport(Path(path), mix.name if mix else "MLX", file_type, plans, warnings)
+
+
+def _dominant_file_type(plans: list[TensorPlan]) -> int:
+    """general.file_type of an MLX repack: the first mix whose default type holds most weights."""
+    weights: dict[str, int] = {}
+    for p in plans:
+        if p.type_name != "F32":
+            weights[p.type_name] = weights.get(p.type_name, 0) + p.params
+    top = max(weights, key=weights.get) if weights else "F32"
+    return next((m.file_type for m in MIXES.values() if m.default == top), MIXES["F16"].file_type)

@@ -76,18 +76,24 @@ class DequantizedMLX:
     def infos(self) -> list[TensorInfo]:
         return list(self._infos)
 
-    def read(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
-        scheme = self._schemes.get(name)
-        if scheme is None:
-            return self._ckpt.read(name, rows)
+    def scheme(self, name: str) -> AffineScheme | None:
+        """How weight `name` is quantized, or None when it is stored in float."""
+        return self._schemes.get(name)
+
+    def quantized(self, name: str, rows: tuple[int, int] | None = None) -> QuantizedTensor:
+        """The stored codes, scales and biases of quantized weight `name`."""
         module = name[: -len(".weight")]
-        qt = QuantizedTensor(
+        return QuantizedTensor(
             self._ckpt.read(name, rows).view(np.uint32),
             self._ckpt.read(module + ".scales", rows),
             self._ckpt.read(module + ".biases", rows),
-            scheme,
+            self._schemes[name],
         )
-        return dequantize(qt)
+
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        if name not in self._schemes:
+            return self._ckpt.read(name, rows)
+        return dequantize(self.quantized(name, rows))
 
 
 def _read_json(path: Path) -> dict:

@@ -1,0 +1,59 @@
+"""The per-tensor types of each llama.cpp mix, against the types llama-quantize itself picks.
+
+llama-quantize converts an F32 GGUF we write; every tensor of its output must have the type our
+plan gives the same model. Two small models cover the rules: a tied llama with grouped-query
+attention (n_head / n_head_kv = 4) and rows that divide into 256, and an untied qwen2 whose
+hidden size (320) does not, so its projections take llama.cpp's fall-back types.
+"""
+
+from __future__ import annotations
+
+import gguf
+import pytest
+from llamacpp_util import quantize_file
+from tiny_models import make_tiny_model
+
+from mlxedge.errors import MlxedgeError
+from mlxedge.formats.gguf_export import plan_tensors, write_gguf
+from mlxedge.formats.gguf_mix import MIXES, mix_named
+from mlxedge.runtime.artifact import open_model
+
+MIX_NAMES = [m for m in MIXES if m not in ("F32", "F16", "BF16")]
+MODELS = {
+    "llama-gqa4-tied": dict(arch="llama", hidden=256, heads=8, kv_heads=2, intermediate=512),
+    "qwen2-320-untied": dict(arch="qwen2", hidden=320, heads=5, kv_heads=5, intermediate=768,
+                             tied=False),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def f32_gguf(request, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp(request.param)
+    spec = dict(MODELS[request.param])
+    folder = make_tiny_model(tmp / "hf", spec.pop("arch"), layers=16, vocab=512,
+                             dtype="float32", **spec)  # fmt: skip
+    model = open_model(str(folder))
+    path = tmp / "f32.gguf"
+    write_gguf(model, path, "F32", pre_tokenizer="gpt-2")
+    return model, path
+
+
+def _types(path) -> dict[str, str]:
+    return {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("mix", MIX_NAMES)
+def test_mix_types_equal_llama_quantize(f32_gguf, mix, tmp_path):
+    model, f32 = f32_gguf
+    quantize_file(f32, tmp_path / "q.gguf", mix)
+    theirs = _types(tmp_path / "q.gguf")
+    plans, _ = plan_tensors(model, mix_named(mix))
+    ours = {p.name: p.type_name for p in plans}
+    assert ours == theirs
+
+
+def test_unknown_type_lists_the_valid_ones():
+    with pytest.raises(MlxedgeError) as e:
+        mix_named("Q4_K_X")
+    assert "Q4_K_M" in str(e.value) and "Q8_0" in str(e.value)
