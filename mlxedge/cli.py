@@ -88,6 +88,14 @@ def _card_command(model: str, opts: dict) -> str:
     return shlex.join(parts)
 
 
+# --bits of `quantize --format gguf` -> the llama.cpp mix of that width most people use.
+_GGUF_MIX_FOR_BITS = {2: "Q2_K", 3: "Q3_K_M", 4: "Q4_K_M", 5: "Q5_K_M", 6: "Q6_K", 8: "Q8_0"}
+
+
+def _gguf_type_option(help_text: str):
+    return click.option("--type", "type_name", metavar="TYPE", help=help_text)
+
+
 @main.command()
 @click.argument("model")
 @click.option(
@@ -143,9 +151,25 @@ def _card_command(model: str, opts: dict) -> str:
     help="Dtype of scales, biases and float tensors. "
     "Default: the source's 16-bit dtype; bfloat16 for a float32 source.",
 )
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["mlx", "gguf"]),
+    default="mlx",
+    show_default=True,
+    help="mlx: an MLX folder. gguf: a GGUF file (same as `mlxedge export gguf`).",
+)
+@_gguf_type_option(
+    "With --format gguf: the llama.cpp file type (see `mlxedge export gguf -h`). "
+    "Default from --bits: 2 Q2_K, 3 Q3_K_M, 4 Q4_K_M, 5 Q5_K_M, 6 Q6_K, 8 Q8_0."
+)
+@click.option("--pre-tokenizer", metavar="NAME", help="With --format gguf: see export gguf.")
+@click.option("--ollama", is_flag=True, help="With --format gguf: also write a Modelfile.")
 @click.option("--revision", help="Hub revision (branch, tag or commit) for a Hub id.")
 @click.option("-f", "--force", is_flag=True, help="Replace the output if it exists.")
+@click.pass_context
 def quantize(
+    ctx,
     model,
     output,
     bits,
@@ -156,10 +180,30 @@ def quantize(
     embed_bits,
     embed_group_size,
     dtype,
+    fmt,
+    type_name,
+    pre_tokenizer,
+    ollama,
     revision,
     force,
 ):
-    """Quantize MODEL into an MLX folder that mlx-lm and mlx-swift-lm load."""
+    """Quantize MODEL into an MLX folder that mlx-lm and mlx-swift-lm load (or a GGUF file)."""
+    if fmt == "gguf":
+        mlx_only = ("group_size", "method", "recipe", "override", "embed_bits",
+                    "embed_group_size", "dtype")  # fmt: skip
+        given = [k for k in mlx_only if ctx.get_parameter_source(k).name == "COMMANDLINE"]
+        if given:
+            raise MlxedgeError(
+                f"--{given[0].replace('_', '-')} applies to MLX folders, not GGUF files",
+                fix="choose the GGUF type with --type (e.g. --type Q4_K_M)",
+            )
+        if type_name is None and bits not in _GGUF_MIX_FOR_BITS:
+            raise MlxedgeError(f"no GGUF type for --bits {bits}", fix="pass --type")
+        type_name = type_name or _GGUF_MIX_FOR_BITS[bits]
+        _export_gguf(model, output, type_name, False, pre_tokenizer, ollama, revision, force)
+        return
+    if type_name or pre_tokenizer or ollama:
+        raise MlxedgeError("--type, --pre-tokenizer and --ollama need --format gguf")
     from .pipeline import default_output_name, quantize_to_mlx
     from .quant.recipes import Override, QuantOptions
     from .source import resolve
@@ -263,6 +307,110 @@ def _print_report(report) -> None:
         out.print(f"[yellow]kept in float:[/] {r.name}: {r.note}", soft_wrap=True)
 
 
+def _export_gguf(model, output, type_name, pure, pre_tokenizer, ollama, revision, force) -> None:
+    """Shared by `export gguf` and `quantize --format gguf`: write, show progress, report."""
+    from .formats.gguf_export import write_gguf
+    from .formats.gguf_mix import mix_named
+    from .runtime.artifact import open_model
+
+    if type_name is not None:
+        type_name = mix_named(type_name).name  # an unknown name fails before any work
+    runnable = open_model(model, revision)
+    if type_name is None and runnable.kind != "mlx":
+        type_name = "Q4_K_M"
+    label = type_name or "MLX"
+    output = Path(output or f"{runnable.name}-{label}.gguf")
+    with _progress() as progress:
+        state = {}
+
+        def on_plan(plans):
+            total = sum(p.params for p in plans)
+            state["task"] = progress.add_task(f"writing {output.name}", total=total)
+
+        def on_tensor(plan):
+            progress.advance(state["task"], plan.params)
+
+        report = write_gguf(
+            runnable,
+            output,
+            type_name,
+            pre_tokenizer=pre_tokenizer,
+            pure=pure,
+            force=force,
+            on_plan=on_plan,
+            on_tensor=on_tensor,
+        )
+    for w in report.warnings:
+        console.print(f"[yellow]warning:[/] {w}", soft_wrap=True)
+    _print_gguf_report(report)
+    if ollama:
+        import gguf
+
+        from .formats.ollama import write_modelfile
+
+        # whether llama.cpp puts BOS in front by itself: what the file we just wrote says
+        field = gguf.GGUFReader(output).get_field("tokenizer.ggml.add_bos_token")
+        adds_bos = bool(field is not None and field.contents())
+        modelfile, warnings = write_modelfile(
+            output, runnable.tokenizer_config, adds_bos, force=force
+        )
+        for w in warnings:
+            console.print(f"[yellow]warning:[/] {w}", soft_wrap=True)
+        out.print(f"wrote {modelfile} (ollama create NAME -f {modelfile})")
+
+
+def _print_gguf_report(report) -> None:
+    table = Table(title=f"{report.path} ({report.mix})", title_justify="left")
+    for col in ("type", "tensors", "parameters", "MiB", "bits per weight"):
+        table.add_column(col, justify="right" if col != "type" else "left")
+    params = 0
+    for type_name, count, n, nbytes in report.by_type():
+        params += n
+        table.add_row(type_name, str(count), f"{n:,}", f"{nbytes / 2**20:.1f}",
+                      f"{nbytes * 8 / n:.3f}")  # fmt: skip
+    table.add_row("total", str(len(report.tensors)), f"{params:,}",
+                  f"{report.nbytes / 2**20:.1f}", f"{report.nbytes * 8 / params:.3f}",
+                  style="bold")  # fmt: skip
+    out.print(table)
+
+
+@main.group()
+def export() -> None:
+    """Export a model for another runtime (GGUF for llama.cpp, Ollama, LM Studio)."""
+
+
+@export.command("gguf")
+@click.argument("model")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    help="GGUF file to write. Default: <model>-<TYPE>.gguf in the current directory.",
+)
+@_gguf_type_option(
+    "llama.cpp file type: Q2_K, Q3_K_S, Q3_K_M, Q3_K_L, Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M, Q6_K, "
+    "Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, F16, BF16, F32 (the same per-tensor types as llama-quantize). "
+    "Default: Q4_K_M; for an MLX folder, its own precision (4/5-bit groups repacked losslessly)."
+)
+@click.option(
+    "--pure",
+    is_flag=True,
+    help="Every quantized tensor gets the type's base type (llama-quantize --pure).",
+)
+@click.option(
+    "--pre-tokenizer",
+    metavar="NAME",
+    help="llama.cpp pre-tokenizer name (e.g. llama-bpe, qwen2, smollm, gpt-2). "
+    "Default: read from tokenizer.json.",
+)
+@click.option("--ollama", is_flag=True, help="Also write an Ollama Modelfile beside the GGUF.")
+@click.option("--revision", help="Hub revision (branch, tag or commit) for a Hub id.")
+@click.option("-f", "--force", is_flag=True, help="Replace the output if it exists.")
+def export_gguf(model, output, type_name, pure, pre_tokenizer, ollama, revision, force):
+    """Write MODEL (or an MLX folder) as a GGUF file for llama.cpp, Ollama and LM Studio."""
+    _export_gguf(model, output, type_name, pure, pre_tokenizer, ollama, revision, force)
+
+
 @main.command("import")
 @click.argument("gguf_file", type=click.Path(path_type=Path))
 @click.option(
@@ -310,10 +458,6 @@ def inspect(path):
         out.print(f"    {t}: {n}")
     out.print(f"  parameters: {d.params:,}")
     out.print(f"  size: {d.size / 2**20:,.1f} MiB ({d.bits_per_weight:.3f} bits per weight)")
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()
 
 
 def _eval_progress():
@@ -409,7 +553,7 @@ def eval_(candidate, reference, text_spec, ctx, max_windows, backend, as_json):
 @click.option("--reference", required=True, help="The original MODEL the artifacts came from.")
 @click.option(
     "--backends",
-    default="reference,mlx",
+    default="reference,mlx,llamacpp",
     show_default=True,
     help="Comma-separated backends to run each artifact on.",
 )
@@ -579,3 +723,7 @@ def recommend(model, memory, context, method, top, revision, as_json):
         )
     out.print(table)
     out.print("mean KL: measured on SmolLM2-135M (bench/RESULTS.md); larger models lose less.")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -139,16 +139,18 @@ def smollm2_q4(tmp_path_factory) -> Path:
     return out
 
 
-def crosscheck_rows(*args) -> tuple[int, list[dict]]:
-    result = run("crosscheck", *args, "--reference", "smollm2", "--windows", 1, "--json")
+def crosscheck_rows(*args, backends: str = "reference,mlx") -> tuple[int, list[dict]]:
+    result = run("crosscheck", *args, "--reference", "smollm2", "--windows", 1, "--json",
+                 "--backends", backends)  # fmt: skip
     return result.exit_code, json.loads(result.output)
 
 
 @pytest.mark.slow
 def test_crosscheck_passes_on_a_sound_artifact(smollm2_q4):
-    code, rows = crosscheck_rows(smollm2_q4)
+    code, rows = crosscheck_rows(smollm2_q4, backends="reference,mlx,llamacpp")
     assert code == 0
-    assert [r["backend"] for r in rows] == ["reference", "mlx"]
+    assert [r["backend"] for r in rows] == ["reference", "mlx", "llamacpp"]
+    assert "runs GGUF files" in rows.pop()["skipped"]  # llama.cpp cannot run an MLX folder
     for r in rows:
         assert r["skipped"] is None and r["passed"] and r["quality_ok"] and r["fidelity_ok"]
         assert r["max_kl"] == default_max_kl(4)
@@ -168,7 +170,7 @@ def test_crosscheck_fails_a_damaged_artifact(smollm2_q4, tmp_path):
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     tensors[name] = tensors[name] * 2  # float32 scales: the artifact was written in float32
     save_file(tensors, shard, metadata=metadata)
-    code, rows = crosscheck_rows(damaged, "--backends", "reference")
+    code, rows = crosscheck_rows(damaged, backends="reference")
     assert code == 1
     (row,) = rows
     assert row["fidelity_ok"] and not row["quality_ok"] and not row["passed"]

@@ -156,3 +156,11 @@ def tensor_type(
         if row % _block_size(t):
             t = "F16"
     return t
+
+
+def nominal_bits(file_type: int) -> int | None:
+    """The bit width a file type is named after (Q4_K_M: 4), None for float files."""
+    mix = next((m for m in MIXES.values() if m.file_type == file_type), None)
+    if mix is None or mix.default in FLOAT_TYPES:
+        return None
+    return int(mix.default[1])

@@ -42,7 +42,7 @@ class Backend(Protocol):
         ...
 
 
-BACKENDS = ("reference", "mlx")
+BACKENDS = ("reference", "mlx", "llamacpp")
 
 
 def make_backend(name: str, model) -> Backend:
@@ -60,4 +60,8 @@ def make_backend(name: str, model) -> Backend:
         from .mlx_runner import MLXBackend
 
         return MLXBackend(model)
+    if name == "llamacpp":
+        from .llamacpp_runner import LlamaCppBackend
+
+        return LlamaCppBackend(model)
     raise ValueError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")

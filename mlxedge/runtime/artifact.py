@@ -32,6 +32,7 @@ class RunnableModel:
         tokenizer_json: the tokenizer.json bytes, when the model has one.
         tokenizer_config: tokenizer_config.json contents ({} when absent).
         folder: the folder mlx-lm can load, when there is one.
+        gguf: the GGUF file llama.cpp can load, when there is one.
         bits: the quantization's bit width (the default one of a mixed recipe), None when float.
     """
 
@@ -42,6 +43,7 @@ class RunnableModel:
     tokenizer_json: bytes | None = None
     tokenizer_config: dict = field(default_factory=dict)
     folder: Path | None = None
+    gguf: Path | None = None
     bits: int | None = None
 
 
@@ -130,11 +132,19 @@ def open_model(spec: str, revision: str | None = None) -> RunnableModel:
             folder=path,
             bits=int(quantization.get("bits", 0)) or None,
         )
+    from ..formats.gguf_import import gguf_nominal_bits
     from ..source import resolve
 
     source = resolve(spec, revision)
     kind = "gguf" if path.suffix.lower() == ".gguf" else ("hf" if path.is_dir() else "builtin")
     tok_config = source.side_files.get("tokenizer_config.json")
+    gguf_file = None
+    if kind == "gguf":
+        gguf_file = path
+    elif kind == "builtin":
+        from ..default_model import default_model_path
+
+        gguf_file = default_model_path()
     return RunnableModel(
         name=source.name,
         kind=kind,
@@ -143,4 +153,7 @@ def open_model(spec: str, revision: str | None = None) -> RunnableModel:
         tokenizer_json=source.side_files.get("tokenizer.json"),
         tokenizer_config=json.loads(tok_config) if tok_config else {},
         folder=path if path.is_dir() else None,
+        gguf=gguf_file,
+        # The built-in model is presented as the original, not as the Q4_1 file it ships as.
+        bits=gguf_nominal_bits(path) if kind == "gguf" else None,
     )
