@@ -1,0 +1,151 @@
+"""`mlxedge export gguf` / `quantize --format gguf`: MLX repacks, mix selection and bad input."""
+
+from __future__ import annotations
+
+import errno
+import json
+
+import gguf
+import mlx.core as mx
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from llamacpp_util import logits as llama_cpp_logits
+from tiny_models import make_tiny_model
+
+from mlxedge.cli import main
+from mlxedge.formats.gguf_import import load_gguf
+from mlxedge.runtime.artifact import open_model
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def leftovers(parent) -> list[str]:
+    return [p.name for p in parent.iterdir() if ".partial" in p.name]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return make_tiny_model(root / "hf", "llama", dtype="float32", hidden=256, intermediate=512,
+                           heads=4, kv_heads=2, vocab=512, layers=4)  # fmt: skip
+
+
+def _file_type(path) -> int:
+    return int(gguf.GGUFReader(path).get_field("general.file_type").contents())
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_mlx_4bit_folder_repacks_losslessly(tiny, tmp_path, dtype):
+    """Every 4-bit tensor of an MLX folder comes out of the GGUF (dequantized by gguf-py, as
+    llama.cpp reads it) exactly as MLX dequantizes it: scales and biases are float16 values."""
+    mlx_dir = tmp_path / "mlx"
+    args = ["--bits", 4, "--group-size", 64, "--recipe", "uniform", "--dtype", dtype]
+    assert run("quantize", tiny, "-o", mlx_dir, *args).exit_code == 0
+    out = tmp_path / "m.gguf"
+    result = run("export", "gguf", mlx_dir, "-o", out, "--pre-tokenizer", "gpt-2")
+    assert result.exit_code == 0, result.output
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out).tensors}
+    assert {t for n, t in types.items() if "norm" not in n} == {"Q4_1"}
+    assert _file_type(out) == 3  # MOSTLY_Q4_1
+    ours = open_model(str(mlx_dir)).weights
+    theirs = load_gguf(out).weights
+    exact = 0
+    for info in ours.infos():
+        if ours.scheme(info.name) is None:
+            continue
+        a, b = ours.read(info.name), theirs.read(info.name)
+        if dtype == "float16":
+            assert np.array_equal(a, b), info.name
+        exact += np.array_equal(a, b)
+    assert exact > 0
+    logits = llama_cpp_logits(out, list(range(5, 25)))
+    assert np.isfinite(logits).all()
+
+
+def test_mlx_mixed_folder_requantizes_what_it_cannot_repack_and_says_so(tiny, tmp_path):
+    mlx_dir = tmp_path / "mlx"
+    assert run("quantize", tiny, "-o", mlx_dir, "--bits", 4, "--dtype", "float16").exit_code == 0
+    config = json.loads((mlx_dir / "config.json").read_text())
+    sixes = [k for k, v in config["quantization"].items() if isinstance(v, dict) and v["bits"] == 6]
+    assert sixes  # the mixed recipe gives some tensors 6 bits
+    out = tmp_path / "m.gguf"
+    result = run("export", "gguf", mlx_dir, "-o", out, "--pre-tokenizer", "gpt-2")
+    assert result.exit_code == 0
+    assert "re-quantized" in result.output and "6 bits" in result.output
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out).tensors}
+    assert "Q6_K" in types.values() and "Q4_1" in types.values()
+
+
+def test_quantize_format_gguf_picks_the_mix_from_bits(tiny, tmp_path):
+    out = tmp_path / "m.gguf"
+    result = run("quantize", tiny, "--format", "gguf", "--bits", 3, "-o", out,
+                 "--pre-tokenizer", "gpt-2")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert _file_type(out) == 12  # MOSTLY_Q3_K_M
+    assert "Q3_K" in result.output and "bits per weight" in result.output
+
+
+def test_unknown_type_lists_the_valid_ones_and_writes_nothing(tiny, tmp_path):
+    result = run("export", "gguf", tiny, "--type", "Q4_K_X", "-o", tmp_path / "m.gguf")
+    assert result.exit_code == 2
+    assert "Q4_K_M" in result.output and "Q6_K" in result.output
+    assert not list(tmp_path.iterdir())
+
+
+def test_mlx_options_are_refused_with_format_gguf(tiny, tmp_path):
+    result = run("quantize", tiny, "--format", "gguf", "--group-size", 32, "-o", tmp_path / "x")
+    assert result.exit_code == 2 and "--group-size" in result.output and "--type" in result.output
+
+
+def test_nan_weight_names_the_tensor_and_leaves_nothing(tmp_path):
+    src = make_tiny_model(tmp_path / "m", "llama", dtype="float32")
+    weights = {k: np.array(v) for k, v in mx.load(str(src / "model.safetensors")).items()}
+    weights["model.layers.1.mlp.up_proj.weight"][3, 5] = np.nan
+    mx.save_safetensors(
+        str(src / "model.safetensors"), {k: mx.array(v) for k, v in weights.items()}
+    )
+    out = tmp_path / "o" / "m.gguf"
+    result = run("export", "gguf", src, "-o", out, "--type", "Q8_0", "--pre-tokenizer", "gpt-2")
+    assert result.exit_code == 2
+    assert "model.layers.1.mlp.up_proj.weight" in result.output and "NaN" in result.output
+    assert not out.exists() and not leftovers(out.parent)
+
+
+def test_full_disk_leaves_nothing(tiny, tmp_path, monkeypatch):
+    real = gguf.GGUFWriter.write_tensor_data
+    calls = {"n": 0}
+
+    def write(self, tensor, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, tensor, *args, **kwargs)
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", write)
+    out = tmp_path / "m.gguf"
+    result = run("export", "gguf", tiny, "-o", out, "--type", "Q8_0", "--pre-tokenizer", "gpt-2")
+    assert result.exit_code == 2 and "no space left" in result.output.lower()
+    assert not out.exists() and not leftovers(tmp_path)
+
+
+def test_rope_scaling_gguf_cannot_express_is_refused(tmp_path):
+    src = make_tiny_model(tmp_path / "m", "qwen2", dtype="float32")
+    config = json.loads((src / "config.json").read_text())
+    config["rope_scaling"] = {"type": "yarn", "factor": 4.0}
+    (src / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "m.gguf"
+    result = run("export", "gguf", src, "-o", out, "--type", "F16", "--pre-tokenizer", "gpt-2")
+    assert result.exit_code == 2 and "yarn" in result.output
+    assert not out.exists() and not leftovers(tmp_path)
+
+
+def test_existing_output_needs_force(tiny, tmp_path):
+    out = tmp_path / "m.gguf"
+    out.write_bytes(b"mine")
+    args = ["export", "gguf", tiny, "-o", out, "--type", "Q8_0", "--pre-tokenizer", "gpt-2"]
+    result = run(*args)
+    assert result.exit_code == 2 and "--force" in result.output and out.read_bytes() == b"mine"
+    assert run(*args, "--force").exit_code == 0 and out.read_bytes()[:4] == b"GGUF"
