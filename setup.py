@@ -1,6 +1,6 @@
-"""Build the optional native quantization kernel (mlxedge/quant/_affine.c).
+"""Build the optional native kernels (mlxedge/quant/_affine.c, mlxedge/formats/_ggml_quants.c).
 
-Everything else is declared in pyproject.toml. The extension is optional: where no C compiler is
+Everything else is declared in pyproject.toml. The extensions are optional: where no C compiler is
 available the install still succeeds and mlxedge falls back to MLX ops and numpy (slower, same
 bytes).
 """
@@ -16,6 +16,13 @@ setup(
             # exactly as written: no contraction into fused multiply-adds, no fast-math.
             extra_compile_args=["-O3", "-ffp-contract=off", "-fno-fast-math", "-std=c11"],
             optional=True,
-        )
+        ),
+        # ggml block quantizers (GGUF export), byte-identical with formats/ggml_blocks.py.
+        Extension(
+            "mlxedge.formats._ggml_quants",
+            sources=["mlxedge/formats/_ggml_quants.c"],
+            extra_compile_args=["-O3", "-ffp-contract=off", "-fno-fast-math", "-std=c11"],
+            optional=True,
+        ),
     ]
 )

@@ -14,14 +14,31 @@ Legacy 32-weight blocks (scales in float16, computed and applied in float32 as l
 - Q8_0: d, 32 int8; w = d * q, d = max|w| / 127, rounding half away from zero.
 Element j (< 16) of a block is the low nibble of byte j, element j + 16 the high nibble; the fifth
 bit of element e is bit e of the little-endian 32-bit word `qh`.
+
+`quantize_rows` runs the native kernel (`_ggml_quants.c`, built at install time where a C compiler
+exists) when it is available: the same bytes as the numpy functions here, which stay the
+specification (tests/test_native_ggml.py holds the two together), about ten times faster, over row
+chunks on two threads. MLXEDGE_NATIVE=0 switches it off, as it does for the quantization backend.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+
+try:  # optional: the install builds it where a C compiler exists
+    from . import _ggml_quants
+except ImportError:  # pragma: no cover - exercised only where the extension did not build
+    _ggml_quants = None
+
+NATIVE_ENV = "MLXEDGE_NATIVE"  # the same switch as mlxedge.quant.backend
+NATIVE_THREADS = 2
+_NATIVE_MIN_SPLIT = 1 << 18  # weights: below this one call is faster than a thread hand-off
+_pool: ThreadPoolExecutor | None = None
 
 BLOCK = 32
 
@@ -84,7 +101,10 @@ def _symmetric_codes(x: np.ndarray, half: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _min_max_codes(x: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Q4_1/Q5_1: d = (max - min) / levels, codes trunc((x - min) / d + 0.5) capped at levels."""
-    lo, hi = x.min(axis=1), x.max(axis=1)
+    # the first element holding the minimum / maximum (llama.cpp's strict scan): the sign of a
+    # zero extreme reaches the bytes, and x.min()'s choice between -0 and +0 is not specified
+    lo = np.take_along_axis(x, x.argmin(axis=1)[:, None], axis=1)[:, 0]
+    hi = np.take_along_axis(x, x.argmax(axis=1)[:, None], axis=1)[:, 0]
     d = (hi - lo) / np.float32(levels)
     q = (x - lo[:, None]) * _inverse(d)[:, None] + np.float32(0.5)
     return np.minimum(q.astype(np.int8).astype(np.uint8), levels), d, lo
@@ -563,14 +583,44 @@ TYPES: dict[str, BlockType] = {
 }
 
 
+def native_available() -> bool:
+    """Whether `quantize_rows` uses the native kernel (built, and not switched off)."""
+    return _ggml_quants is not None and os.environ.get(NATIVE_ENV, "1") != "0"
+
+
+def _native_rows(x: np.ndarray, t: BlockType) -> np.ndarray:
+    """The native kernel over row chunks on NATIVE_THREADS threads (it releases the GIL). Every
+    block is quantized on its own, so the chunking never changes a byte."""
+    global _pool
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    rows, cols = x.shape
+    out = np.empty((rows, cols // t.block_size * t.type_size), dtype=np.uint8)
+
+    def run(span: tuple[int, int]) -> None:
+        lo, hi = span
+        _ggml_quants.quantize(t.type_id, x[lo:hi], hi - lo, cols, out[lo:hi])
+
+    if rows < 2 or x.size < _NATIVE_MIN_SPLIT:
+        run((0, rows))
+        return out
+    n_chunks = min(rows, 4 * NATIVE_THREADS)  # a few per thread, so an uneven load evens out
+    bounds = np.linspace(0, rows, n_chunks + 1).astype(int)
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=NATIVE_THREADS, thread_name_prefix="ggml-quant")
+    list(_pool.map(run, zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True)))
+    return out
+
+
 def quantize_rows(x: np.ndarray, type_name: str) -> np.ndarray:
     """A 2-D float tensor (rows, cols) as the bytes a GGUF stores: uint8 (rows, cols/bs*size)."""
     t = TYPES[type_name]
     rows, cols = x.shape
     if cols % t.block_size:
         raise ValueError(f"{type_name} needs rows in multiples of {t.block_size}, not {cols}")
+    if native_available():
+        return _native_rows(x, t)
     blocks = t.quantize(np.asarray(x, dtype=np.float32).reshape(-1, t.block_size))
-    return blocks.reshape(rows, -1)
+    return blocks.reshape(rows, cols // t.block_size * t.type_size)
 
 
 def dequantize_rows(data: np.ndarray, type_name: str, cols: int) -> np.ndarray:
