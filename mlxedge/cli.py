@@ -314,7 +314,11 @@ def _export_gguf(model, output, type_name, pure, pre_tokenizer, ollama, revision
     from .runtime.artifact import open_model
 
     if type_name is not None:
-        type_name = mix_named(type_name).name  # an unknown name fails before any work
+        type_name = mix_named(type_name).name  # unknown names fail before any work
+    if pre_tokenizer is not None:
+        from .formats.gguf_vocab import check_pre_tokenizer
+
+        pre_tokenizer = check_pre_tokenizer(pre_tokenizer)
     runnable = open_model(model, revision)
     if type_name is None and runnable.kind != "mlx":
         type_name = "Q4_K_M"

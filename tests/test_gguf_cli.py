@@ -45,7 +45,7 @@ def test_mlx_4bit_folder_repacks_losslessly(tiny, tmp_path, dtype):
     args = ["--bits", 4, "--group-size", 64, "--recipe", "uniform", "--dtype", dtype]
     assert run("quantize", tiny, "-o", mlx_dir, *args).exit_code == 0
     out = tmp_path / "m.gguf"
-    result = run("export", "gguf", mlx_dir, "-o", out, "--pre-tokenizer", "gpt-2")
+    result = run("export", "gguf", mlx_dir, "-o", out)
     assert result.exit_code == 0, result.output
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out).tensors}
     assert {t for n, t in types.items() if "norm" not in n} == {"Q4_1"}
@@ -72,7 +72,7 @@ def test_mlx_mixed_folder_requantizes_what_it_cannot_repack_and_says_so(tiny, tm
     sixes = [k for k, v in config["quantization"].items() if isinstance(v, dict) and v["bits"] == 6]
     assert sixes  # the mixed recipe gives some tensors 6 bits
     out = tmp_path / "m.gguf"
-    result = run("export", "gguf", mlx_dir, "-o", out, "--pre-tokenizer", "gpt-2")
+    result = run("export", "gguf", mlx_dir, "-o", out)
     assert result.exit_code == 0
     assert "re-quantized" in result.output and "6 bits" in result.output
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out).tensors}
@@ -81,8 +81,7 @@ def test_mlx_mixed_folder_requantizes_what_it_cannot_repack_and_says_so(tiny, tm
 
 def test_quantize_format_gguf_picks_the_mix_from_bits(tiny, tmp_path):
     out = tmp_path / "m.gguf"
-    result = run("quantize", tiny, "--format", "gguf", "--bits", 3, "-o", out,
-                 "--pre-tokenizer", "gpt-2")  # fmt: skip
+    result = run("quantize", tiny, "--format", "gguf", "--bits", 3, "-o", out)
     assert result.exit_code == 0, result.output
     assert _file_type(out) == 12  # MOSTLY_Q3_K_M
     assert "Q3_K" in result.output and "bits per weight" in result.output
@@ -108,7 +107,7 @@ def test_nan_weight_names_the_tensor_and_leaves_nothing(tmp_path):
         str(src / "model.safetensors"), {k: mx.array(v) for k, v in weights.items()}
     )
     out = tmp_path / "o" / "m.gguf"
-    result = run("export", "gguf", src, "-o", out, "--type", "Q8_0", "--pre-tokenizer", "gpt-2")
+    result = run("export", "gguf", src, "-o", out, "--type", "Q8_0")
     assert result.exit_code == 2
     assert "model.layers.1.mlp.up_proj.weight" in result.output and "NaN" in result.output
     assert not out.exists() and not leftovers(out.parent)
@@ -126,7 +125,7 @@ def test_full_disk_leaves_nothing(tiny, tmp_path, monkeypatch):
 
     monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", write)
     out = tmp_path / "m.gguf"
-    result = run("export", "gguf", tiny, "-o", out, "--type", "Q8_0", "--pre-tokenizer", "gpt-2")
+    result = run("export", "gguf", tiny, "-o", out, "--type", "Q8_0")
     assert result.exit_code == 2 and "no space left" in result.output.lower()
     assert not out.exists() and not leftovers(tmp_path)
 
@@ -137,7 +136,7 @@ def test_rope_scaling_gguf_cannot_express_is_refused(tmp_path):
     config["rope_scaling"] = {"type": "yarn", "factor": 4.0}
     (src / "config.json").write_text(json.dumps(config))
     out = tmp_path / "m.gguf"
-    result = run("export", "gguf", src, "-o", out, "--type", "F16", "--pre-tokenizer", "gpt-2")
+    result = run("export", "gguf", src, "-o", out, "--type", "F16")
     assert result.exit_code == 2 and "yarn" in result.output
     assert not out.exists() and not leftovers(tmp_path)
 
@@ -145,7 +144,21 @@ def test_rope_scaling_gguf_cannot_express_is_refused(tmp_path):
 def test_existing_output_needs_force(tiny, tmp_path):
     out = tmp_path / "m.gguf"
     out.write_bytes(b"mine")
-    args = ["export", "gguf", tiny, "-o", out, "--type", "Q8_0", "--pre-tokenizer", "gpt-2"]
+    args = ["export", "gguf", tiny, "-o", out, "--type", "Q8_0"]
     result = run(*args)
     assert result.exit_code == 2 and "--force" in result.output and out.read_bytes() == b"mine"
     assert run(*args, "--force").exit_code == 0 and out.read_bytes()[:4] == b"GGUF"
+
+
+def test_pre_tokenizer_is_detected_and_can_be_overridden(tiny, tmp_path):
+    def pre(path) -> str:
+        return gguf.GGUFReader(path).get_field("tokenizer.ggml.pre").contents()
+
+    out = tmp_path / "a.gguf"
+    assert run("export", "gguf", tiny, "-o", out, "--type", "Q8_0").exit_code == 0
+    assert pre(out) == "gpt-2"  # the tiny models' tokenizer is GPT-2's byte-level scheme
+    out = tmp_path / "b.gguf"
+    args = ["export", "gguf", tiny, "-o", out, "--type", "Q8_0", "--pre-tokenizer"]
+    assert run(*args, "llama-bpe").exit_code == 0 and pre(out) == "llama-bpe"
+    result = run(*args, "no-such-scheme")
+    assert result.exit_code == 2 and "llama-bpe" in result.output

@@ -22,7 +22,7 @@ def test_f32_export_equals_the_reference_in_llama_cpp(tmp_path, arch, tied):
                              head_dim=32 if arch == "qwen3" else None)  # fmt: skip
     model = open_model(str(folder))
     out = tmp_path / "model.gguf"
-    write_gguf(model, out, "F32", pre_tokenizer="gpt-2")
+    write_gguf(model, out, "F32")
     ids = [int(i) for i in np.random.default_rng(0).integers(0, model.config["vocab_size"], 24)]
     ours = ReferenceModel.from_source(model.config, model.weights).logits(np.array(ids))
     theirs = llama_cpp_logits(out, ids)
@@ -35,7 +35,7 @@ def test_llama_cpp_loads_and_runs_every_mix(tmp_path, mix):
                              intermediate=512, heads=4, kv_heads=2, vocab=512)  # fmt: skip
     model = open_model(str(folder))
     out = tmp_path / "model.gguf"
-    report = write_gguf(model, out, mix, pre_tokenizer="gpt-2")
+    report = write_gguf(model, out, mix)
     assert out.stat().st_size >= report.nbytes
     logits = llama_cpp_logits(out, list(range(10, 30)))
     assert logits.shape == (20, 512) and np.isfinite(logits).all() and logits.std() > 0

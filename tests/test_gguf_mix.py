@@ -34,7 +34,7 @@ def f32_gguf(request, tmp_path_factory):
                              dtype="float32", **spec)  # fmt: skip
     model = open_model(str(folder))
     path = tmp / "f32.gguf"
-    write_gguf(model, path, "F32", pre_tokenizer="gpt-2")
+    write_gguf(model, path, "F32")
     return model, path
 
 

@@ -40,7 +40,7 @@ def smollm2():
 def f32_gguf(smollm2, tmp_path_factory):
     llama_cpp()
     path = tmp_path_factory.mktemp("f32") / "smollm2-f32.gguf"
-    write_gguf(smollm2, path, "F32", pre_tokenizer="smollm")
+    write_gguf(smollm2, path, "F32")
     return path
 
 
@@ -98,7 +98,7 @@ def test_greedy_generation_agrees_with_the_reference(smollm2, f32_gguf):
 def test_every_mix_of_smollm2_passes_the_llamacpp_fidelity_gate(smollm2, mix, tmp_path):
     llama_cpp()
     path = tmp_path / f"smollm2-{mix}.gguf"
-    write_gguf(smollm2, path, mix, pre_tokenizer="smollm")
+    write_gguf(smollm2, path, mix)
     (row,) = crosscheck([open_model(str(path))], smollm2, load_text(None), ("llamacpp",),
                         ctx=128, max_windows=1)  # fmt: skip
     assert row.skipped is None

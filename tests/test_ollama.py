@@ -206,7 +206,7 @@ def test_unrecognised_templates_get_no_template_and_a_warning(template):
 def test_cli_writes_the_modelfile_beside_the_gguf(tmp_path):
     out = tmp_path / "s.gguf"
     args = ["export", "gguf", "smollm2", "--type", "Q8_0", "-o", str(out), "--ollama"]
-    result = CliRunner().invoke(main, [*args, "--pre-tokenizer", "smollm"])
+    result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     modelfile = tmp_path / "s.Modelfile"
     assert dict(parse_modelfile(modelfile.read_text()))["FROM"] == "./s.gguf"
