@@ -21,7 +21,9 @@ $(STAMP): pyproject.toml setup.py mlxedge/quant/_affine.c mlxedge/formats/_ggml_
 demo: install
 	$(VENV)/bin/mlxedge quantize smollm2 --bits 4 --group-size 64 -o demo-out/SmolLM2-135M-Instruct-4bit-g64 --force
 	$(VENV)/bin/mlxedge inspect demo-out/SmolLM2-135M-Instruct-4bit-g64
-	$(VENV)/bin/mlxedge crosscheck demo-out/SmolLM2-135M-Instruct-4bit-g64 --reference smollm2 --windows 2
+	$(VENV)/bin/mlxedge export gguf smollm2 --type Q4_K_M -o demo-out/SmolLM2-135M-Instruct-Q4_K_M.gguf --ollama --force
+	$(VENV)/bin/mlxedge crosscheck demo-out/SmolLM2-135M-Instruct-4bit-g64 demo-out/SmolLM2-135M-Instruct-Q4_K_M.gguf \
+		--reference smollm2 --windows 2
 
 test: install
 	$(PY) -m pytest -q

@@ -623,12 +623,14 @@ def crosscheck(artifacts, reference, backends, max_kl, text_spec, ctx, max_windo
             "top-1",
             "result",
         ):
-            table.add_column(col, justify="right" if col in ("tokens", "ppl", "top-1") else "left")
+            table.add_column(
+                col,
+                justify="right" if col in ("tokens", "ppl", "top-1") else "left",
+                no_wrap=col == "artifact",  # artifacts often differ only at the end of the name
+            )
         for r in rows:
             if r.skipped:
-                table.add_row(
-                    r.artifact, r.backend, "—", "—", "—", "—", "—", f"skipped: {r.skipped}"
-                )
+                table.add_row(r.artifact, r.backend, "—", "—", "—", "—", "—", "skipped")
                 continue
             q = r.quality
             result = "pass" if r.passed else ("FAIL quality" if r.fidelity_ok else "FAIL fidelity")
@@ -645,6 +647,9 @@ def crosscheck(artifacts, reference, backends, max_kl, text_spec, ctx, max_windo
         out.print(table)
         for proto in sorted({r.protocol for r in rows if r.protocol}):
             out.print(f"protocol: {proto}")
+        for r in rows:
+            if r.skipped:
+                out.print(f"skipped {r.artifact} on {r.backend}: {r.skipped}", soft_wrap=True)
     if not all(r.passed for r in rows):
         sys.exit(1)
 

@@ -146,7 +146,7 @@ def open_model(spec: str, revision: str | None = None) -> RunnableModel:
 
         gguf_file = default_model_path()
     return RunnableModel(
-        name=source.name,
+        name=path.stem if kind == "gguf" else source.name,
         kind=kind,
         config=source.config,
         weights=source.weights,
