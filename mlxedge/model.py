@@ -12,6 +12,10 @@ from typing import Protocol
 
 import numpy as np
 
+# Tensors larger than this many weights are read and converted in blocks of rows (64 MiB of
+# float32): the stream's memory is bounded by a block, not by the largest tensor.
+BLOCK_WEIGHTS = 1 << 24
+
 
 @dataclass(frozen=True)
 class TensorInfo:

@@ -21,7 +21,7 @@ from .archs import Role, arch_for
 from .checkpoint import atomic_output, write_checkpoint
 from .errors import MlxedgeError, non_finite
 from .formats import mlx as mlx_format
-from .model import SourceModel, TensorInfo
+from .model import BLOCK_WEIGHTS, SourceModel, TensorInfo
 from .quant import backend
 from .quant.defaults import DEFAULT_METHOD, DEFAULT_RECIPE, METHODS
 from .quant.recipes import QuantOptions, TensorPlan, plan_tensors
@@ -35,8 +35,6 @@ from .quant.schemes import (
 log = logging.getLogger(__name__)
 
 MAX_SHARD_BYTES = 5 * 2**30
-# Tensors larger than this many weights are read and quantized in blocks of rows.
-BLOCK_WEIGHTS = 1 << 24
 FLOAT32_SOURCE_DEFAULT = "bfloat16"  # the 16-bit dtype a float32 source is written in by default
 
 

@@ -9,7 +9,9 @@ from tiny_models import make_tiny_model
 
 from mlxedge.formats.gguf_export import write_gguf
 from mlxedge.formats.gguf_mix import MIXES
+from mlxedge.metrics import log_softmax
 from mlxedge.runtime.artifact import open_model
+from mlxedge.runtime.llamacpp_runner import FLOAT32_TOLERANCE, QUANTIZED_TOLERANCE
 from mlxedge.runtime.reference import ReferenceModel
 
 pytestmark = pytest.mark.llamacpp
@@ -29,13 +31,27 @@ def test_f32_export_equals_the_reference_in_llama_cpp(tmp_path, arch, tied):
     assert np.abs(ours - theirs).max() <= 1e-3  # the issue's bound for F32 with a float32 cache
 
 
+def _mean_kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
+    logp, logq = log_softmax(p_logits), log_softmax(q_logits)
+    return float((np.exp(logp) * (logp - logq)).sum(axis=-1).mean())
+
+
 @pytest.mark.parametrize("mix", list(MIXES))
-def test_llama_cpp_loads_and_runs_every_mix(tmp_path, mix):
-    folder = make_tiny_model(tmp_path / "m", "llama", dtype="float32", hidden=256,
-                             intermediate=512, heads=4, kv_heads=2, vocab=512)  # fmt: skip
-    model = open_model(str(folder))
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
+def test_every_mix_of_every_arch_runs_in_llama_cpp_as_in_the_reference(tmp_path, arch, mix):
+    """llama.cpp on the file against the numpy reference on the file's own dequantized weights,
+    with the llamacpp backend's tolerances (stated in runtime/llamacpp_runner.py)."""
+    folder = make_tiny_model(tmp_path / "m", arch, dtype="float32", hidden=256, intermediate=512,
+                             heads=4, kv_heads=2, vocab=512, tied=arch != "mistral")  # fmt: skip
     out = tmp_path / "model.gguf"
-    report = write_gguf(model, out, mix)
+    report = write_gguf(open_model(str(folder)), out, mix)
     assert out.stat().st_size >= report.nbytes
-    logits = llama_cpp_logits(out, list(range(10, 30)))
-    assert logits.shape == (20, 512) and np.isfinite(logits).all() and logits.std() > 0
+    ids = list(range(10, 42))
+    theirs = llama_cpp_logits(out, ids)
+    own = open_model(str(out))  # the file as gguf-py dequantizes it
+    ours = ReferenceModel.from_source(own.config, own.weights).logits(np.array(ids))
+    assert np.isfinite(theirs).all() and theirs.std() > 0
+    if mix == "F32":
+        assert np.abs(ours - theirs).max() <= FLOAT32_TOLERANCE.max_abs_logit
+    else:
+        assert _mean_kl(ours, theirs) <= QUANTIZED_TOLERANCE.kl_mean

@@ -27,6 +27,7 @@ from gguf import GGMLQuantizationType as QType
 from ..archs import Role, arch_for
 from ..checkpoint import atomic_file
 from ..errors import MlxedgeError, non_finite
+from ..model import BLOCK_WEIGHTS
 from .ggml_blocks import TYPES, quantize_rows
 from .gguf_mix import FLOAT_TYPES, MIXES, TYPE_BITS, Mix, ModelShape, mix_named, tensor_type
 from .gguf_names import gguf_tensor_name, permute_qk
@@ -222,6 +223,22 @@ def plan_tensors(model, mix: Mix | None, pure: bool = False) -> tuple[list[Tenso
     return plans, warnings
 
 
+def _read_finite(model, name: str, rows: tuple[int, int] | None) -> np.ndarray:
+    w = np.asarray(model.weights.read(name, rows), dtype=np.float32)
+    if not np.isfinite(w).all():
+        raise non_finite(name, model.name)
+    return w
+
+
+def _encode(w: np.ndarray, type_name: str) -> np.ndarray:
+    """float32 rows as a GGUF stores them in `type_name` (F16/BF16 values, or block bytes)."""
+    if type_name == "F16":
+        return w.astype(np.float16)
+    if type_name == "BF16":
+        return gguf.quants.quantize(w, QType.BF16).view(np.uint8)
+    return quantize_rows(w, type_name)
+
+
 def _convert(plan: TensorPlan, model, n_head: int, n_kv: int, permuted: bool) -> np.ndarray:
     """The bytes (or float array) of one planned tensor, in llama.cpp's row order."""
     if plan.source is None:
@@ -241,18 +258,20 @@ def _convert(plan: TensorPlan, model, n_head: int, n_kv: int, permuted: bool) ->
                 packed.max_abs_error,
             )
         data = packed.data
+    elif plan.type_name == "F32" or len(plan.shape) < 2:
+        data = np.ascontiguousarray(_read_finite(model, plan.source, None), dtype=np.float32)
     else:
-        w = np.asarray(model.weights.read(plan.source), dtype=np.float32)
-        if not np.isfinite(w).all():
-            raise non_finite(plan.source, model.name)
-        if plan.type_name == "F32":
-            data = np.ascontiguousarray(w)
-        elif plan.type_name == "F16":
-            data = w.astype(np.float16)
-        elif plan.type_name == "BF16":
-            data = gguf.quants.quantize(w, QType.BF16).view(np.uint8)
-        else:
-            data = quantize_rows(w, plan.type_name)
+        # Blocks of rows: memory holds the (smaller) output and one float32 block, never the
+        # whole tensor in float32. Rows are encoded independently, so the bytes do not change.
+        rows, cols = plan.shape
+        step = max(1, BLOCK_WEIGHTS // cols)
+        data = None
+        for lo in range(0, rows, step):
+            hi = min(rows, lo + step)
+            part = _encode(_read_finite(model, plan.source, (lo, hi)), plan.type_name)
+            if data is None:
+                data = np.empty((rows, *part.shape[1:]), dtype=part.dtype)
+            data[lo:hi] = part
     return permute_qk(data, heads) if heads else data
 
 
