@@ -322,9 +322,15 @@ def write_gguf(
         _add_hyperparameters(writer, config, gguf_arch)
         writer.add_file_type(file_type)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        add_tokenizer(
-            writer, int(config["vocab_size"]), tok_json, model.tokenizer_config, pre_tokenizer
-        )
+        try:
+            add_tokenizer(
+                writer, int(config["vocab_size"]), tok_json, model.tokenizer_config, pre_tokenizer
+            )
+        except MlxedgeError as e:  # name the file the tokenizer came from
+            if e.path is not None:
+                raise
+            where = model.folder / "tokenizer.json" if model.folder else model.name
+            raise MlxedgeError(e.message, path=where, fix=e.fix) from None
         for p in plans:
             if p.type_name in FLOAT_TYPES and p.type_name != "BF16":
                 dtype = np.float32 if p.type_name == "F32" else np.float16
