@@ -324,8 +324,9 @@ class HFCheckpoint:
         files, owners = [], {}
         for file_name in sorted(by_file):
             path = folder / file_name
-            # An index is input too: it must not point outside the model folder.
-            if path.resolve().parent != folder.resolve():
+            # An index is input too: it must name files in the model folder. Checked on the name,
+            # not the resolved path: a Hub cache snapshot's shards are symlinks into its blobs.
+            if Path(file_name).name != file_name or file_name in (".", ".."):
                 raise MlxedgeError(f"names a file outside the folder: {file_name!r}", index_path)
             if not path.is_file():
                 raise MlxedgeError(f"names {file_name}, which is missing", index_path, fix)

@@ -238,6 +238,19 @@ def test_sharded_checkpoint_round_trip(tmp_path):
         assert_mx_equal(loaded, array)
 
 
+def test_shards_may_be_symlinks_like_a_hub_cache_snapshot(tmp_path):
+    """A Hub cache snapshot is a folder of symlinks into ../../blobs: it must load as it is."""
+    tensors = sample_tensors()
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshots" / "abc123"
+    write_checkpoint(blobs, infos_of(tensors), iter(tensors.values()), {}, max_shard_bytes=100)
+    snapshot.mkdir(parents=True)
+    for f in blobs.iterdir():
+        (snapshot / f.name).symlink_to(Path("../..") / "blobs" / f.name)
+    ckpt = HFCheckpoint.from_folder(snapshot)
+    for name, array in tensors.items():
+        np.testing.assert_array_equal(ckpt.read(name), array)
+
+
 def test_single_shard_checkpoint_and_no_index_folder(tmp_path):
     tensors = sample_tensors()
     out = tmp_path / "one"
