@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+
+import mlx.core as mx
 import numpy as np
 import pytest
 from llamacpp_util import logits as llama_cpp_logits
@@ -55,3 +58,36 @@ def test_every_mix_of_every_arch_runs_in_llama_cpp_as_in_the_reference(tmp_path,
         assert np.abs(ours - theirs).max() <= FLOAT32_TOLERANCE.max_abs_logit
     else:
         assert _mean_kl(ours, theirs) <= QUANTIZED_TOLERANCE.kl_mean
+
+
+@pytest.mark.parametrize(
+    "scaling",
+    [
+        {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+         "original_max_position_embeddings": 64},
+        {"type": "linear", "factor": 2.0},
+    ],
+    ids=["llama3", "linear"],
+)  # fmt: skip
+def test_rope_scaling_is_exported_as_llama_cpp_reads_it(tmp_path, scaling):
+    """Scaled rotary embeddings (llama3: a rope_freqs tensor; linear: metadata) in llama.cpp give
+    the reference's logits; positions reach 40, where scaled and unscaled angles differ widely."""
+    folder = make_tiny_model(tmp_path / "m", "llama", dtype="float32")
+    # sharper attention than random weights give, so that positions (and rope) matter
+    weights = mx.load(str(folder / "model.safetensors"))
+    weights = {k: v * 8 if k.endswith(("q_proj.weight", "k_proj.weight")) else v
+               for k, v in weights.items()}  # fmt: skip
+    mx.save_safetensors(str(folder / "model.safetensors"), weights)
+    config = json.loads((folder / "config.json").read_text())
+    config["rope_scaling"] = scaling
+    (folder / "config.json").write_text(json.dumps(config))
+    model = open_model(str(folder))
+    out = tmp_path / "model.gguf"
+    write_gguf(model, out, "F32")
+    ids = [int(i) for i in np.random.default_rng(1).integers(0, config["vocab_size"], 40)]
+    ours = ReferenceModel.from_source(model.config, model.weights).logits(np.array(ids))
+    theirs = llama_cpp_logits(out, ids)
+    assert np.abs(ours - theirs).max() <= FLOAT32_TOLERANCE.max_abs_logit
+    unscaled = dict(config, rope_scaling=None)
+    plain = ReferenceModel.from_source(unscaled, model.weights).logits(np.array(ids))
+    assert np.abs(plain - theirs).max() > 100 * FLOAT32_TOLERANCE.max_abs_logit  # it mattered

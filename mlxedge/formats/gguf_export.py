@@ -126,15 +126,19 @@ def _rope_freqs(config: dict, head_dim: int) -> np.ndarray | None:
     high = float(scaling.get("high_freq_factor", 4.0))
     old_len = float(scaling.get("original_max_position_embeddings", 8192))
     theta = float(config.get("rope_theta", 10000.0))
-    inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-    wavelen = 2 * math.pi / inv
-    smooth = (old_len / wavelen - low) / (high - low)
+    # float32 throughout, in the order llama.cpp's converter computes it, so both write the same
+    # bytes (a float64 computation differs in the last bits of a few factors)
+    f32 = np.float32
+    inv = f32(1) / f32(theta) ** (np.arange(0, head_dim, 2, dtype=f32) / f32(head_dim))
+    wavelen = f32(2 * math.pi) / inv
+    smooth = (f32(old_len) / wavelen - f32(low)) / f32(high - low)
+    medium = f32(1) / ((f32(1) - smooth) / f32(factor) + smooth)
     divisor = np.where(
-        wavelen < old_len / high,
-        1.0,
-        np.where(wavelen > old_len / low, factor, 1.0 / ((1 - smooth) / factor + smooth)),
+        wavelen < f32(old_len / high),
+        f32(1),
+        np.where(wavelen > f32(old_len / low), f32(factor), medium),
     )
-    return divisor.astype(np.float32)
+    return divisor.astype(f32)
 
 
 def _add_hyperparameters(writer: gguf.GGUFWriter, config: dict, gguf_arch: str) -> None:
