@@ -197,6 +197,8 @@ def quantize(
                 f"--{given[0].replace('_', '-')} applies to MLX folders, not GGUF files",
                 fix="choose the GGUF type with --type (e.g. --type Q4_K_M)",
             )
+        if type_name is not None and ctx.get_parameter_source("bits").name == "COMMANDLINE":
+            raise MlxedgeError("pass --bits or --type, not both", fix="--type alone names the mix")
         if type_name is None and bits not in _GGUF_MIX_FOR_BITS:
             raise MlxedgeError(f"no GGUF type for --bits {bits}", fix="pass --type")
         type_name = type_name or _GGUF_MIX_FOR_BITS[bits]
@@ -319,11 +321,31 @@ def _export_gguf(model, output, type_name, pure, pre_tokenizer, ollama, revision
         from .formats.gguf_vocab import check_pre_tokenizer
 
         pre_tokenizer = check_pre_tokenizer(pre_tokenizer)
+    from .formats.ollama import modelfile_path
+
+    def refuse_existing(path: Path) -> None:
+        if path.exists() and not force:
+            raise MlxedgeError(
+                "already exists",
+                path=path,
+                fix="pass --force to replace it, or choose another name",
+            )
+
+    if output is not None:  # before any download or conversion
+        refuse_existing(Path(output))
+        if ollama:
+            refuse_existing(modelfile_path(Path(output)))
     runnable = open_model(model, revision)
-    if type_name is None and runnable.kind != "mlx":
+    if runnable.kind != "mlx" and type_name is None:
         type_name = "Q4_K_M"
-    label = type_name or "MLX"
-    output = Path(output or f"{runnable.name}-{label}.gguf")
+    if runnable.kind == "mlx" and type_name is None and pure:
+        raise MlxedgeError("--pure needs --type", fix="e.g. --type Q4_K_S --pure")
+    if output is None:  # <model>-<TYPE>.gguf, or <folder>.gguf for an MLX folder's own precision
+        output = f"{runnable.name}-{type_name}.gguf" if type_name else f"{runnable.name}.gguf"
+    output = Path(output)
+    refuse_existing(output)
+    if ollama:
+        refuse_existing(modelfile_path(output))
     with _progress() as progress:
         state = {}
 
@@ -348,15 +370,10 @@ def _export_gguf(model, output, type_name, pure, pre_tokenizer, ollama, revision
         console.print(f"[yellow]warning:[/] {w}", soft_wrap=True)
     _print_gguf_report(report)
     if ollama:
-        import gguf
-
         from .formats.ollama import write_modelfile
 
-        # whether llama.cpp puts BOS in front by itself: what the file we just wrote says
-        field = gguf.GGUFReader(output).get_field("tokenizer.ggml.add_bos_token")
-        adds_bos = bool(field is not None and field.contents())
         modelfile, warnings = write_modelfile(
-            output, runnable.tokenizer_config, adds_bos, force=force
+            output, runnable.tokenizer_config, report.adds_bos, force=force
         )
         for w in warnings:
             console.print(f"[yellow]warning:[/] {w}", soft_wrap=True)

@@ -59,6 +59,8 @@ class SourceModel:
             chat_template.jinja).
         license: the licence identifier when the source states it ("apache-2.0"), else None.
         base_model: the upstream model id when the source states it, else None.
+        gguf_metadata: a GGUF source's scalar metadata ("general.file_type",
+            "tokenizer.ggml.pre", ...); empty for other sources.
     """
 
     name: str
@@ -68,6 +70,7 @@ class SourceModel:
     side_files: dict[str, bytes] = field(default_factory=dict)
     license: str | None = None
     base_model: str | None = None
+    gguf_metadata: dict = field(default_factory=dict)
 
     def parameter_count(self) -> int:
         """Number of scalar parameters in the source tensors."""

@@ -75,7 +75,7 @@ def resolve(model: str, revision: str | None = None) -> SourceModel:
                 path=path,
                 fix="pass a Hugging Face folder (config.json + *.safetensors) or a .gguf file",
             )
-        return from_folder(path, origin=path.name)
+        return from_folder(path, origin=path.absolute().name)  # `.` is named after the folder
     if _HUB_ID.match(model) and not model.startswith((".", "/")):
         return from_folder(_download(model, revision), origin=model, hub_id=model)
     raise MlxedgeError(
@@ -189,7 +189,7 @@ def from_folder(folder: Path, origin: str, hub_id: str | None = None) -> SourceM
         f = folder / name
         if f.is_file():
             side[name] = f.read_bytes()
-    name = hub_id.split("/")[-1] if hub_id else folder.name
+    name = hub_id.split("/")[-1] if hub_id else folder.absolute().name  # `.`: the folder's name
     readme = folder / "README.md"
     license_id = _card_field(readme, "license") if readme.is_file() else None
     return SourceModel(

@@ -53,6 +53,15 @@ def test_mix_types_equal_llama_quantize(f32_gguf, mix, tmp_path):
     assert ours == theirs
 
 
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("mix", ["Q2_K", "Q3_K_M", "Q4_K_M", "Q6_K"])
+def test_pure_types_equal_llama_quantize_pure(f32_gguf, mix, tmp_path):
+    model, f32 = f32_gguf
+    quantize_file(f32, tmp_path / "q.gguf", mix, pure=True)
+    plans, _ = plan_tensors(model, mix_named(mix), pure=True)
+    assert {p.name: p.type_name for p in plans} == _types(tmp_path / "q.gguf")
+
+
 def test_unknown_type_lists_the_valid_ones():
     with pytest.raises(MlxedgeError) as e:
         mix_named("Q4_K_X")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, quants
 
-from mlxedge.formats.gguf_repack import can_repack, repack
+from mlxedge.formats.gguf_repack import repack, repackable
 from mlxedge.quant.schemes import AffineScheme, QuantizedTensor, quantize
 
 
@@ -49,6 +49,6 @@ def test_bfloat16_scales_report_their_error():
 
 def test_other_settings_are_refused():
     qt = quantize(np.zeros((2, 64), np.float32), AffineScheme(3, 64), "float16", "rtn")
-    assert not can_repack(qt)
+    assert not repackable(qt.scheme)
     with pytest.raises(ValueError, match="only 4 or 5 bits"):
         repack(qt)

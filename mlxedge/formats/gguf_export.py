@@ -31,7 +31,7 @@ from ..model import BLOCK_WEIGHTS
 from .ggml_blocks import TYPES, quantize_rows
 from .gguf_mix import FLOAT_TYPES, MIXES, TYPE_BITS, Mix, ModelShape, mix_named, tensor_type
 from .gguf_names import gguf_tensor_name, permute_qk
-from .gguf_repack import REPACKABLE, repack
+from .gguf_repack import REPACKABLE, repack, repackable
 from .gguf_vocab import add_tokenizer
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,7 @@ _GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "
 # MLX bit widths that have no lossless ggml form go to the nearest block type (re-quantized).
 _NEAREST = {2: "Q2_K", 3: "Q3_K", 6: "Q6_K", 8: "Q8_0"}
 _ROPE_FREQS = "rope_freqs.weight"
+_FLOAT_TYPE_OF = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}  # TensorInfo dtypes
 
 
 @dataclass
@@ -57,6 +58,8 @@ class TensorPlan:
         repack: carried over from MLX codes without re-quantizing.
         requantized_from: the MLX bit width it was re-quantized from, when it was.
         nbytes: bytes in the file (without alignment padding).
+        repack_error: after writing, the largest weight error a repack's float16 rounding of
+            scales and biases caused (0 when exact).
     """
 
     source: str | None
@@ -66,6 +69,7 @@ class TensorPlan:
     repack: bool = False
     requantized_from: int | None = None
     nbytes: int = 0
+    repack_error: float = 0.0
 
     @property
     def params(self) -> int:
@@ -81,6 +85,7 @@ class ExportReport:
     file_type: int
     tensors: list[TensorPlan]
     warnings: list[str] = field(default_factory=list)
+    adds_bos: bool = False  # llama.cpp puts BOS in front of a text (what the file says)
 
     @property
     def nbytes(self) -> int:
@@ -103,6 +108,12 @@ def _nbytes(type_name: str, shape: tuple[int, ...]) -> int:
         return n * int(TYPE_BITS[type_name]) // 8
     t = TYPES[type_name]
     return n // t.block_size * t.type_size
+
+
+def _head_dim(config: dict) -> int:
+    return int(config.get("head_dim") or 0) or (
+        int(config["hidden_size"]) // int(config["num_attention_heads"])
+    )
 
 
 def _model_shape(config: dict, gguf_arch: str, tied: bool) -> ModelShape:
@@ -144,7 +155,7 @@ def _rope_freqs(config: dict, head_dim: int) -> np.ndarray | None:
 def _add_hyperparameters(writer: gguf.GGUFWriter, config: dict, gguf_arch: str) -> None:
     c = config
     n_head = int(c["num_attention_heads"])
-    head_dim = int(c.get("head_dim") or int(c["hidden_size"]) // n_head)
+    head_dim = _head_dim(c)
     writer.add_context_length(int(c.get("max_position_embeddings", 2048)))
     writer.add_embedding_length(int(c["hidden_size"]))
     writer.add_block_count(int(c["num_hidden_layers"]))
@@ -161,6 +172,12 @@ def _add_hyperparameters(writer: gguf.GGUFWriter, config: dict, gguf_arch: str) 
     scaling = c.get("rope_scaling") or {}
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "linear":
+        if not isinstance(scaling.get("factor"), (int, float)):
+            raise MlxedgeError(
+                "linear rope scaling without a numeric factor",
+                path="config.json",
+                fix="set rope_scaling.factor",
+            )
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(scaling["factor"]))
     elif kind not in ("default", "llama3", None):
@@ -200,9 +217,9 @@ def plan_tensors(model, mix: Mix | None, pure: bool = False) -> tuple[list[Tenso
             plan.type_name = tensor_type(mix, name, info.shape, shape, pure)
             if scheme is not None:
                 requantized[scheme.bits] = requantized.get(scheme.bits, 0) + 1
-        elif scheme is None:  # a float tensor of an MLX folder keeps 16 bits
-            plan.type_name = "BF16" if model.config.get("torch_dtype") == "bfloat16" else "F16"
-        elif scheme.bits in REPACKABLE and scheme.group_size % 32 == 0:
+        elif scheme is None:  # a float tensor of an MLX folder keeps its dtype
+            plan.type_name = _FLOAT_TYPE_OF.get(info.dtype, "F16")
+        elif repackable(scheme):
             plan.type_name, plan.repack = REPACKABLE[scheme.bits], True
         else:
             t = _NEAREST.get(scheme.bits, "Q8_0")
@@ -211,19 +228,24 @@ def plan_tensors(model, mix: Mix | None, pure: bool = False) -> tuple[list[Tenso
             requantized[scheme.bits] = requantized.get(scheme.bits, 0) + 1
         plan.nbytes = _nbytes(plan.type_name, plan.shape)
         plans.append(plan)
-    head_dim = int(model.config.get("head_dim") or 0) or (
-        int(model.config["hidden_size"]) // int(model.config["num_attention_heads"])
-    )
+    head_dim = _head_dim(model.config)
     if _rope_freqs(model.config, head_dim) is not None:
         plans.append(TensorPlan(None, _ROPE_FREQS, (head_dim // 2,), "F32", nbytes=head_dim * 2))
     warnings = []
     for bits, count in sorted(requantized.items()):
-        how = "the mix" if mix is not None else "the nearest ggml type"
+        how = f"to {mix.name}" if mix is not None else "to the nearest ggml type"
         warnings.append(
-            f"{count} tensors quantized to {bits} bits in the MLX folder were re-quantized from "
-            f"their dequantized weights to {how} (only 4- and 5-bit groups of a multiple of 32 "
-            "carry over without loss, when exported without --type)"
+            f"{count} tensors quantized to {bits} bits in the MLX folder were converted from "
+            f"their dequantized weights {how}, i.e. re-quantized (only 4- and 5-bit groups of a "
+            "multiple of 32 carry over without loss, when exported without --type)"
         )
+    if model.kind == "gguf":
+        stored = sorted({i.dtype for i in infos if i.dtype not in _FLOAT_TYPE_OF})
+        if stored:
+            warnings.append(
+                f"this GGUF is already quantized ({', '.join(stored)}); its tensors are converted "
+                "from their dequantized values, which loses more than converting the original"
+            )
     return plans, warnings
 
 
@@ -237,7 +259,11 @@ def _read_finite(model, name: str, rows: tuple[int, int] | None) -> np.ndarray:
 def _encode(w: np.ndarray, type_name: str) -> np.ndarray:
     """float32 rows as a GGUF stores them in `type_name` (F16/BF16 values, or block bytes)."""
     if type_name == "F16":
-        return w.astype(np.float16)
+        with np.errstate(over="ignore"):
+            h = w.astype(np.float16)
+        if not np.isfinite(h).all():
+            raise OverflowError("beyond float16's range")
+        return h
     if type_name == "BF16":
         return gguf.quants.quantize(w, QType.BF16).view(np.uint8)
     return quantize_rows(w, type_name)
@@ -246,8 +272,7 @@ def _encode(w: np.ndarray, type_name: str) -> np.ndarray:
 def _convert(plan: TensorPlan, model, n_head: int, n_kv: int, permuted: bool) -> np.ndarray:
     """The bytes (or float array) of one planned tensor, in llama.cpp's row order."""
     if plan.source is None:
-        head_dim = plan.shape[0] * 2
-        return _rope_freqs(model.config, head_dim)
+        return _rope_freqs(model.config, plan.shape[0] * 2)
     heads = None
     if permuted and plan.source.endswith(("q_proj.weight", "q_proj.bias")):
         heads = n_head
@@ -255,12 +280,14 @@ def _convert(plan: TensorPlan, model, n_head: int, n_kv: int, permuted: bool) ->
         heads = n_kv
     if plan.repack:
         packed = repack(model.weights.quantized(plan.source))
-        if not packed.lossless:
-            log.warning(
-                "%s: scales or biases are not float16 values; largest error %.3g",
-                plan.source,
-                packed.max_abs_error,
+        if not np.isfinite(packed.max_abs_error):
+            raise MlxedgeError(
+                f"tensor {plan.source!r} has scales or biases beyond float16's range, which "
+                "Q4_1/Q5_1 store",
+                path=model.name,
+                fix="pass --type (e.g. Q8_0) to re-quantize from the dequantized weights",
             )
+        plan.repack_error = packed.max_abs_error
         data = packed.data
     elif plan.type_name == "F32" or len(plan.shape) < 2:
         data = np.ascontiguousarray(_read_finite(model, plan.source, None), dtype=np.float32)
@@ -272,7 +299,14 @@ def _convert(plan: TensorPlan, model, n_head: int, n_kv: int, permuted: bool) ->
         data = None
         for lo in range(0, rows, step):
             hi = min(rows, lo + step)
-            part = _encode(_read_finite(model, plan.source, (lo, hi)), plan.type_name)
+            try:
+                part = _encode(_read_finite(model, plan.source, (lo, hi)), plan.type_name)
+            except OverflowError:
+                raise MlxedgeError(
+                    f"tensor {plan.source!r} holds values beyond float16's range",
+                    path=model.name,
+                    fix="pass --type BF16 or F32 (or a quantized type)",
+                ) from None
             if data is None:
                 data = np.empty((rows, *part.shape[1:]), dtype=part.dtype)
             data[lo:hi] = part
@@ -292,9 +326,10 @@ def write_gguf(
     """Write `model` (a `runtime.artifact.RunnableModel`) as the GGUF file `path`.
 
     Args:
-        type_name: a llama.cpp mix (`Q4_K_M`, `Q8_0`, `F16`, ...; see `gguf_mix.MIXES`); None for
-            an MLX folder's own precision.
-        pre_tokenizer: llama.cpp's pre-tokenizer name; None reads it from tokenizer.json.
+        type_name: a llama.cpp mix (`Q4_K_M`, `Q8_0`, `F16`, ...; see `gguf_mix.MIXES`); None
+            keeps an MLX folder's own precision (4/5-bit groups repacked without loss).
+        pre_tokenizer: llama.cpp's pre-tokenizer name; None takes a GGUF source's own, else reads
+            it from tokenizer.json.
         pure: every quantizable tensor gets the mix's default type.
         force: replace `path` if it exists.
 
@@ -302,54 +337,39 @@ def write_gguf(
         MlxedgeError: unknown type, an architecture or tokenizer GGUF cannot express, NaN/Inf
             weights, an existing output without `force`, a full disk. Nothing is left behind.
     """
-    mix = mix_named(type_name) if type_name is not None else None
-    if mix is None and getattr(model.weights, "scheme", None) is None:
-        mix = mix_named("F16")
-    if model.tokenizer_json is None:
+    is_mlx = getattr(model.weights, "scheme", None) is not None
+    if type_name is None and not is_mlx:
         raise MlxedgeError(
-            "the model has no tokenizer.json; a GGUF file must carry its tokenizer",
+            "only an MLX folder has a precision of its own to keep",
             path=model.name,
-            fix="add the original model's tokenizer files to the folder",
+            fix="pass --type (e.g. Q4_K_M)",
         )
+    mix = mix_named(type_name) if type_name is not None else None
+    tok_json = _tokenizer_json(model)
     config = model.config
     arch = arch_for(config, "config.json")
     gguf_arch = _GGUF_ARCH[arch.model_type]
     plans, warnings = plan_tensors(model, mix, pure)
-    tok_json = json.loads(model.tokenizer_json)
     file_type = mix.file_type if mix is not None else _dominant_file_type(plans)
+    pre = pre_tokenizer or model.gguf_metadata.get("tokenizer.ggml.pre")
     n_head = int(config["num_attention_heads"])
     n_kv = int(config.get("num_key_value_heads") or n_head)
     with atomic_file(Path(path), force=force) as temp:
         writer = gguf.GGUFWriter(str(temp), gguf_arch)
-        writer.add_type("model")
-        writer.add_name(model.name)
-        _add_hyperparameters(writer, config, gguf_arch)
-        writer.add_file_type(file_type)
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         try:
-            add_tokenizer(
-                writer, int(config["vocab_size"]), tok_json, model.tokenizer_config, pre_tokenizer
-            )
-        except MlxedgeError as e:  # name the file the tokenizer came from
-            if e.path is not None:
-                raise
-            where = model.folder / "tokenizer.json" if model.folder else model.name
-            raise MlxedgeError(e.message, path=where, fix=e.fix) from None
-        for p in plans:
-            if p.type_name in FLOAT_TYPES and p.type_name != "BF16":
-                dtype = np.float32 if p.type_name == "F32" else np.float16
-                writer.add_tensor_info(p.name, p.shape, np.dtype(dtype), p.nbytes)
-            else:
-                raw = QType[p.type_name]
-                block, size = gguf.GGML_QUANT_SIZES[raw]
-                byte_shape = (*p.shape[:-1], p.shape[-1] // block * size)
-                writer.add_tensor_info(p.name, byte_shape, np.dtype(np.uint8), p.nbytes, raw)
-        if on_plan is not None:
-            on_plan(plans)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        try:
+            writer.add_type("model")
+            writer.add_name(model.name)
+            _add_hyperparameters(writer, config, gguf_arch)
+            writer.add_file_type(file_type)
+            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+            adds_bos = _add_tokenizer(writer, model, tok_json, pre)
+            for p in plans:
+                _add_tensor_info(writer, p)
+            if on_plan is not None:
+                on_plan(plans)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
             for p in plans:
                 data = _convert(p, model, n_head, n_kv, _PERMUTED[arch.model_type])
                 writer.write_tensor_data(np.ascontiguousarray(data))
@@ -357,7 +377,61 @@ def write_gguf(
                     on_tensor(p)
         finally:
             writer.close()
-    return ExportReport(Path(path), mix.name if mix else "MLX", file_type, plans, warnings)
+    lossy = [p for p in plans if p.repack_error > 0]
+    if lossy:
+        worst = max(lossy, key=lambda p: p.repack_error)
+        warnings.append(
+            f"{len(lossy)} repacked tensors have scales or biases that are not float16 values "
+            f"(bfloat16 scales, say): they were rounded, largest weight error "
+            f"{worst.repack_error:.3g} in {worst.source}; quantize with --dtype float16 for an "
+            "exact repack"
+        )
+    name = mix.name if mix else "MLX"
+    return ExportReport(Path(path), name, file_type, plans, warnings, adds_bos)
+
+
+def _tokenizer_json(model) -> dict:
+    where = model.folder / "tokenizer.json" if model.folder else model.name
+    if model.tokenizer_json is None:
+        raise MlxedgeError(
+            "the model has no tokenizer.json; a GGUF file must carry its tokenizer",
+            path=model.name,
+            fix="add the original model's tokenizer files to the folder",
+        )
+    try:
+        tok = json.loads(model.tokenizer_json)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MlxedgeError(f"not valid JSON ({e})", path=where) from None
+    if not isinstance(tok, dict) or not isinstance(tok.get("model"), dict):
+        raise MlxedgeError("not a tokenizer.json (no 'model' object)", path=where)
+    return tok
+
+
+def _add_tokenizer(writer: gguf.GGUFWriter, model, tok_json: dict, pre: str | None) -> bool:
+    """`gguf_vocab.add_tokenizer`, with its errors naming the tokenizer file."""
+    try:
+        return add_tokenizer(
+            writer, int(model.config["vocab_size"]), tok_json, model.tokenizer_config, pre
+        )
+    except MlxedgeError as e:
+        if e.path is not None:
+            raise
+        where = model.folder / "tokenizer.json" if model.folder else model.name
+        raise MlxedgeError(e.message, path=where, fix=e.fix) from None
+    except (KeyError, TypeError, ValueError) as e:
+        where = model.folder / "tokenizer.json" if model.folder else model.name
+        raise MlxedgeError(f"malformed tokenizer ({type(e).__name__}: {e})", path=where) from None
+
+
+def _add_tensor_info(writer: gguf.GGUFWriter, p: TensorPlan) -> None:
+    if p.type_name in ("F32", "F16"):
+        dtype = np.float32 if p.type_name == "F32" else np.float16
+        writer.add_tensor_info(p.name, p.shape, np.dtype(dtype), p.nbytes)
+    else:  # block types and BF16 are written as raw bytes
+        raw = QType[p.type_name]
+        block, size = gguf.GGML_QUANT_SIZES[raw]
+        byte_shape = (*p.shape[:-1], p.shape[-1] // block * size)
+        writer.add_tensor_info(p.name, byte_shape, np.dtype(np.uint8), p.nbytes, raw)
 
 
 def _dominant_file_type(plans: list[TensorPlan]) -> int:

@@ -179,6 +179,7 @@ def load_gguf(path: Path) -> SourceModel:
         side_files=side_files,
         license=metadata.get("general.license"),
         base_model=_base_model(metadata),
+        gguf_metadata={k: v for k, v in metadata.items() if not isinstance(v, list)},
     )
 
 
@@ -379,12 +380,3 @@ def _base_model(metadata: dict[str, Any]) -> str | None:
     if name and org:
         return f"{org}/{name}"
     return name or None
-
-
-def gguf_nominal_bits(path: Path) -> int | None:
-    """The bit width a GGUF file's type is named after (a Q4_K_M file: 4), None when float or
-    when the file does not say."""
-    from .gguf_mix import nominal_bits
-
-    field = _open_reader(path).get_field("general.file_type")
-    return None if field is None else nominal_bits(int(field.contents()))

@@ -158,8 +158,8 @@ def tensor_type(
     return t
 
 
-def nominal_bits(file_type: int) -> int | None:
-    """The bit width a file type is named after (Q4_K_M: 4), None for float files."""
+def nominal_bits(file_type: int | None) -> int | None:
+    """The bit width a file type is named after (Q4_K_M: 4), None for float files (or none)."""
     mix = next((m for m in MIXES.values() if m.file_type == file_type), None)
     if mix is None or mix.default in FLOAT_TYPES:
         return None

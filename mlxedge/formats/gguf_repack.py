@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..quant.schemes import QuantizedTensor, dequantize, unpack
+from ..quant.schemes import AffineScheme, QuantizedTensor, dequantize, unpack
 from .ggml_blocks import BLOCK, dequantize_rows, pack_q4_1, pack_q5_1
 
 REPACKABLE = {4: "Q4_1", 5: "Q5_1"}
@@ -30,9 +30,9 @@ class Repacked:
     max_abs_error: float  # largest |GGUF value - MLX value| over the tensor (0 when lossless)
 
 
-def can_repack(qt: QuantizedTensor) -> bool:
+def repackable(scheme: AffineScheme) -> bool:
     """4 or 5 bits with groups that are whole ggml blocks."""
-    return qt.scheme.bits in REPACKABLE and qt.scheme.group_size % BLOCK == 0
+    return scheme.bits in REPACKABLE and scheme.group_size % BLOCK == 0
 
 
 def repack(qt: QuantizedTensor) -> Repacked:
@@ -41,7 +41,7 @@ def repack(qt: QuantizedTensor) -> Repacked:
     Raises:
         ValueError: bits other than 4/5 or a group size that is not a multiple of 32.
     """
-    if not can_repack(qt):
+    if not repackable(qt.scheme):
         raise ValueError(
             f"{qt.scheme.bits}-bit groups of {qt.scheme.group_size} cannot be repacked; "
             "only 4 or 5 bits with groups of a multiple of 32"

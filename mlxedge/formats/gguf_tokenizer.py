@@ -99,9 +99,10 @@ _QWEN2_PRE = _PreTokenizer((_QWEN2,))
 PRE_TOKENIZERS: dict[str, _PreTokenizer] = {
     "default": _PreTokenizer(_DEFAULT),
     **dict.fromkeys(
-        ["llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "dbrx", "smaug-bpe"],
-        _LLAMA3_PRE,
+        ["llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral"], _LLAMA3_PRE
     ),
+    # the llama3 split, without its vocabulary flags (llama.cpp's DBRX and SMAUG types)
+    **dict.fromkeys(["dbrx", "smaug-bpe"], _PreTokenizer((_LLAMA3,))),
     **dict.fromkeys(
         ["smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"],
         _DIGITS_GPT2_PRE,

@@ -214,8 +214,11 @@ def add_tokenizer(
     tok_json: dict,
     tok_config: dict,
     pre: str | None = None,
-) -> None:
+) -> bool:
     """Write a Hugging Face tokenizer as `tokenizer.*` metadata.
+
+    Returns:
+        Whether llama.cpp will put BOS in front of a text (the add_bos_token written).
 
     Args:
         writer: the GGUF writer, before its key/value data is written.
@@ -256,7 +259,7 @@ def add_tokenizer(
         writer.add_token_list(tokens)
         writer.add_token_types(types)
         writer.add_token_merges(list(_merge_strings(model.get("merges", []))))
-    _add_specials(writer, tokens, types, tok_json, tok_config)
+    return _add_specials(writer, tokens, types, tok_json, tok_config)
 
 
 def _token_table(vocab_size: int, tok_json: dict) -> tuple[list[str], list[int]]:
@@ -432,8 +435,8 @@ _EOM_TEXTS = ("<|eom_id|>",)
 
 def _add_specials(
     writer: gguf.GGUFWriter, tokens: list[str], types: list[int], tok_json: dict, tok_config: dict
-) -> None:
-    """Special ids, add_bos/add_eos and the chat template."""
+) -> bool:
+    """Special ids, add_bos/add_eos and the chat template; returns add_bos as written."""
     ids = {t: i for i, t in enumerate(tokens)}
     found: dict[str, int] = {}
     for role in ("bos", "eos", "unk", "pad", "eot", "eom"):
@@ -464,7 +467,8 @@ def _add_specials(
     template_bos, template_eos = _template_wraps(tok_json.get("post_processor"), tokens, found)
     add_bos = tok_config.get("add_bos_token")
     add_eos = tok_config.get("add_eos_token")
-    writer.add_add_bos_token(bool(template_bos if add_bos is None else add_bos))
+    adds_bos = bool(template_bos if add_bos is None else add_bos)
+    writer.add_add_bos_token(adds_bos)
     writer.add_add_eos_token(bool(template_eos if add_eos is None else add_eos))
 
     template: Any = tok_config.get("chat_template")
@@ -472,6 +476,7 @@ def _add_specials(
         # gguf-py writes the "default" entry of the list form as the chat template and the
         # others under tokenizer.chat_template.NAME, as llama.cpp's converter does.
         writer.add_chat_template(template)
+    return adds_bos
 
 
 def _template_wraps(

@@ -188,12 +188,17 @@ def modelfile_text(gguf_name: str, tok_config: dict, adds_bos: bool) -> tuple[st
     return "\n".join(lines) + "\n", warnings
 
 
+def modelfile_path(gguf_path: Path) -> Path:
+    """Where `write_modelfile` puts the Modelfile of a GGUF: `<stem>.Modelfile` beside it."""
+    return gguf_path.with_name(gguf_path.stem + ".Modelfile")
+
+
 def write_modelfile(
     gguf_path: Path, tok_config: dict, adds_bos: bool, force: bool = False
 ) -> tuple[Path, list[str]]:
     """Write `<gguf stem>.Modelfile` beside the GGUF; returns its path and the warnings."""
     gguf_path = Path(gguf_path)
-    target = gguf_path.with_name(gguf_path.stem + ".Modelfile")
+    target = modelfile_path(gguf_path)
     text, warnings = modelfile_text(gguf_path.name, tok_config, adds_bos)
     with atomic_file(target, force=force) as temp:
         temp.write_text(text, encoding="utf-8")

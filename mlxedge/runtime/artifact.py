@@ -33,6 +33,7 @@ class RunnableModel:
         tokenizer_config: tokenizer_config.json contents ({} when absent).
         folder: the folder mlx-lm can load, when there is one.
         gguf: the GGUF file llama.cpp can load, when there is one.
+        gguf_metadata: that file's scalar metadata (`SourceModel.gguf_metadata`).
         bits: the quantization's bit width (the default one of a mixed recipe), None when float.
     """
 
@@ -44,6 +45,7 @@ class RunnableModel:
     tokenizer_config: dict = field(default_factory=dict)
     folder: Path | None = None
     gguf: Path | None = None
+    gguf_metadata: dict = field(default_factory=dict)
     bits: int | None = None
 
 
@@ -123,7 +125,7 @@ def open_model(spec: str, revision: str | None = None) -> RunnableModel:
         weights = DequantizedMLX(HFCheckpoint.from_folder(path), quantization)
         tok = path / "tokenizer.json"
         return RunnableModel(
-            name=path.name,
+            name=path.absolute().name,  # `.` is named after the folder
             kind="mlx",
             config=config,
             weights=weights,
@@ -132,7 +134,7 @@ def open_model(spec: str, revision: str | None = None) -> RunnableModel:
             folder=path,
             bits=int(quantization.get("bits", 0)) or None,
         )
-    from ..formats.gguf_import import gguf_nominal_bits
+    from ..formats.gguf_mix import nominal_bits
     from ..source import resolve
 
     source = resolve(spec, revision)
@@ -154,6 +156,9 @@ def open_model(spec: str, revision: str | None = None) -> RunnableModel:
         tokenizer_config=json.loads(tok_config) if tok_config else {},
         folder=path if path.is_dir() else None,
         gguf=gguf_file,
+        gguf_metadata=source.gguf_metadata,
         # The built-in model is presented as the original, not as the Q4_1 file it ships as.
-        bits=gguf_nominal_bits(path) if kind == "gguf" else None,
+        bits=nominal_bits(source.gguf_metadata.get("general.file_type"))
+        if kind == "gguf"
+        else None,
     )

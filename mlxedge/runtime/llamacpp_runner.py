@@ -23,13 +23,6 @@ FLOAT32_TOLERANCE = Tolerance(max_abs_logit=1e-3)
 QUANTIZED_TOLERANCE = Tolerance(kl_mean=1e-2)
 
 
-def _all_float32(path: Path) -> bool:
-    import gguf
-
-    f32 = gguf.GGMLQuantizationType.F32
-    return all(t.tensor_type == f32 for t in gguf.GGUFReader(path).tensors)
-
-
 class LlamaCppBackend:
     name = "llamacpp"
     token_budget = None
@@ -50,13 +43,15 @@ class LlamaCppBackend:
         self._path = Path(model.gguf)
         self._llm = None
         self._n_ctx = 0
-        float32 = _all_float32(self._path)
+        float32 = all(i.dtype == "float32" for i in model.weights.infos())
         self.tolerance = FLOAT32_TOLERANCE if float32 else QUANTIZED_TOLERANCE
         self.device = "cpu, float32 KV cache"
 
     def _load(self, n_tokens: int):
         if self._llm is None or n_tokens > self._n_ctx:
             lc = self._llama_cpp
+            if self._llm is not None:
+                self._llm.close()  # one model in memory at a time
             self._n_ctx = max(512, n_tokens)
             self._llm = lc.Llama(
                 model_path=str(self._path),
