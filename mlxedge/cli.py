@@ -16,6 +16,7 @@ from rich.table import Table
 from . import __version__
 from .errors import MlxedgeError
 from .quant.defaults import DEFAULT_METHOD, DEFAULT_RECIPE, METHODS, RECIPES
+from .runtime import BACKENDS
 
 console = Console(stderr=True)
 # Wider than the 80 columns rich assumes when output is piped (CI logs, files): tables stay legible.
@@ -102,7 +103,8 @@ def _gguf_type_option(help_text: str):
     "-o",
     "--output",
     type=click.Path(path_type=Path),
-    help="Output folder. Default: <model>-<bits>bit-g<group>[...] in the current directory.",
+    help="Output folder (with --format gguf: file). Default: <model>-<bits>bit-g<group>[...], "
+    "or <model>-<TYPE>.gguf, in the current directory.",
 )
 @click.option(
     "--bits", type=int, default=4, show_default=True, help="Bits per weight: 2, 3, 4, 5, 6 or 8."
@@ -574,7 +576,7 @@ def eval_(candidate, reference, text_spec, ctx, max_windows, backend, as_json):
 @click.option("--reference", required=True, help="The original MODEL the artifacts came from.")
 @click.option(
     "--backends",
-    default="reference,mlx,llamacpp",
+    default=",".join(BACKENDS),
     show_default=True,
     help="Comma-separated backends to run each artifact on.",
 )
@@ -607,7 +609,6 @@ def crosscheck(artifacts, reference, backends, max_kl, text_spec, ctx, max_windo
     import json as json_
 
     from .crosscheck import crosscheck as run_crosscheck
-    from .runtime import BACKENDS
     from .runtime.artifact import open_model
     from .texts import load_text
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from .errors import MlxedgeError
 from .metrics import TokenStats
-from .runtime import BackendUnavailable, Tolerance, make_backend
+from .runtime import BACKENDS, BackendUnavailable, Tolerance, make_backend
 from .runtime.artifact import RunnableModel
 from .runtime.reference import ReferenceBackend
 from .texts import Text, tokenize, windows
@@ -246,7 +246,7 @@ def crosscheck(
     artifacts: list[RunnableModel],
     reference: RunnableModel,
     text: Text,
-    backends: tuple[str, ...] = ("reference", "mlx"),
+    backends: tuple[str, ...] = BACKENDS,
     ctx: int = 512,
     max_windows: int | None = 8,
     max_kl: float | None = None,

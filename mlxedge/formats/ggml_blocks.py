@@ -24,6 +24,7 @@ chunks on two threads. MLXEDGE_NATIVE=0 switches it off, as it does for the quan
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ NATIVE_ENV = "MLXEDGE_NATIVE"  # the same switch as mlxedge.quant.backend
 NATIVE_THREADS = 2
 _NATIVE_MIN_SPLIT = 1 << 18  # weights: below this one call is faster than a thread hand-off
 _pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
 
 BLOCK = 32
 
@@ -605,8 +607,9 @@ def _native_rows(x: np.ndarray, t: BlockType) -> np.ndarray:
         return out
     n_chunks = min(rows, 4 * NATIVE_THREADS)  # a few per thread, so an uneven load evens out
     bounds = np.linspace(0, rows, n_chunks + 1).astype(int)
-    if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=NATIVE_THREADS, thread_name_prefix="ggml-quant")
+    with _pool_lock:  # created once, even when two threads quantize at the same time
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=NATIVE_THREADS, thread_name_prefix="ggml-quant")
     list(_pool.map(run, zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True)))
     return out
 

@@ -8,9 +8,10 @@ Every backend has the same small interface (`Backend`): a name, what it runs on,
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import numpy as np
+if TYPE_CHECKING:  # the CLI imports BACKENDS at start-up, where numpy is not loaded yet
+    import numpy as np
 
 
 class BackendUnavailable(RuntimeError):
