@@ -154,20 +154,17 @@ def model_config(model: str, revision: str | None = None) -> tuple[str, dict]:
     """(name, config.json) of MODEL without its weights; of a Hub id only config.json is fetched."""
     path = Path(model).expanduser()
     if path.is_dir():
-        from .runtime.artifact import _read_json
+        from .source import read_config
 
-        config = _read_json(path / "config.json")
-        if not config:
-            raise MlxedgeError("no config.json in this folder", path=path)
-        return path.name, config
+        return path.absolute().name, read_config(path)
     if path.suffix.lower() == ".gguf" or model == "smollm2" or path.exists():
         from .source import resolve
 
         source = resolve(model, revision)
         return source.name, source.config
-    from .source import _HUB_ID
+    from .source import is_hub_id, read_json_object
 
-    if not _HUB_ID.match(model):
+    if not is_hub_id(model):
         raise MlxedgeError("no such file or folder, and not a Hub id (org/name)", path=model)
     from huggingface_hub import hf_hub_download
 
@@ -179,4 +176,4 @@ def model_config(model: str, revision: str | None = None) -> tuple[str, dict]:
             path=model,
             fix="check the id and your network, or set HF_TOKEN for a gated model",
         ) from None
-    return model.split("/")[-1], json.loads(Path(local).read_text())
+    return model.split("/")[-1], read_json_object(Path(local))

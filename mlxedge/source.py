@@ -76,7 +76,7 @@ def resolve(model: str, revision: str | None = None) -> SourceModel:
                 fix="pass a Hugging Face folder (config.json + *.safetensors) or a .gguf file",
             )
         return from_folder(path, origin=path.absolute().name)  # `.` is named after the folder
-    if _HUB_ID.match(model) and not model.startswith((".", "/")):
+    if is_hub_id(model):
         return from_folder(_download(model, revision), origin=model, hub_id=model)
     raise MlxedgeError(
         "no such file or folder, and not a Hub id (org/name)",
@@ -128,6 +128,44 @@ def _download(repo_id: str, revision: str | None) -> Path:
         raise MlxedgeError(f"could not download: {e}", path=repo_id) from None
 
 
+def is_hub_id(model: str) -> bool:
+    """Whether MODEL reads as a Hub id (`org/name`) rather than a path."""
+    return bool(_HUB_ID.match(model)) and not model.startswith((".", "/"))
+
+
+def read_json_object(path: Path, missing_ok: bool = False) -> dict:
+    """A JSON file holding one object, with one clear error for each way it can be wrong.
+
+    Args:
+        path: the file.
+        missing_ok: a missing file reads as {} instead of raising.
+    """
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        if missing_ok:
+            return {}
+        raise MlxedgeError("no such file", path=path) from None
+    except PermissionError:
+        raise MlxedgeError("permission denied", path=path) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MlxedgeError(f"not valid JSON ({e})", path=path) from None
+    if not isinstance(data, dict):
+        raise MlxedgeError("not a JSON object", path=path)
+    return data
+
+
+def read_config(folder: Path) -> dict:
+    """A model folder's config.json (see `read_json_object`)."""
+    if not (folder / "config.json").exists():
+        raise MlxedgeError(
+            "no config.json in this folder",
+            path=folder,
+            fix="pass a Hugging Face model folder (config.json + *.safetensors)",
+        )
+    return read_json_object(folder / "config.json")
+
+
 def _refuse_quantized(folder: Path, config: dict, names: list[str]) -> None:
     """Already-quantized checkpoints cannot be quantized again; say what to pass instead."""
     if "quantization" in config:
@@ -159,20 +197,7 @@ def from_folder(folder: Path, origin: str, hub_id: str | None = None) -> SourceM
             an already-quantized checkpoint, or missing tensors.
     """
     config_path = folder / "config.json"
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise MlxedgeError(
-            "no config.json in this folder",
-            path=folder,
-            fix="pass a Hugging Face model folder (config.json + *.safetensors)",
-        ) from None
-    except PermissionError:
-        raise MlxedgeError("permission denied", path=config_path) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MlxedgeError(f"config.json is not valid JSON ({e})", path=config_path) from None
-    if not isinstance(config, dict):
-        raise MlxedgeError("config.json is not a JSON object", path=config_path)
+    config = read_config(folder)
     weights = HFCheckpoint.from_folder(folder)
     names = [i.name for i in weights.infos()]
     _refuse_quantized(folder, config, names)

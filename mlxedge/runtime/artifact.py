@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from ..checkpoint import HFCheckpoint
-from ..errors import MlxedgeError
 from ..model import TensorInfo, TensorSource
 from ..quant.schemes import AffineScheme, QuantizedTensor, dequantize
+from ..source import read_json_object, resolve
 
 
 @dataclass
@@ -100,18 +100,6 @@ class DequantizedMLX:
         return dequantize(self.quantized(name, rows))
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return {}
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MlxedgeError(f"not valid JSON ({e})", path=path) from None
-    if not isinstance(data, dict):
-        raise MlxedgeError("not a JSON object", path=path)
-    return data
-
-
 def open_model(spec: str, revision: str | None = None) -> RunnableModel:
     """Open MODEL (an MLX folder, or anything `mlxedge quantize` accepts) for running.
 
@@ -119,7 +107,7 @@ def open_model(spec: str, revision: str | None = None) -> RunnableModel:
         MlxedgeError: what `source.resolve` raises, or an MLX folder without its weights.
     """
     path = Path(spec).expanduser()
-    config = _read_json(path / "config.json") if path.is_dir() else {}
+    config = read_json_object(path / "config.json", missing_ok=True) if path.is_dir() else {}
     if path.is_dir() and "quantization" in config:
         quantization = config["quantization"]
         weights = DequantizedMLX(HFCheckpoint.from_folder(path), quantization)
@@ -130,12 +118,11 @@ def open_model(spec: str, revision: str | None = None) -> RunnableModel:
             config=config,
             weights=weights,
             tokenizer_json=tok.read_bytes() if tok.is_file() else None,
-            tokenizer_config=_read_json(path / "tokenizer_config.json"),
+            tokenizer_config=read_json_object(path / "tokenizer_config.json", missing_ok=True),
             folder=path,
             bits=int(quantization.get("bits", 0)) or None,
         )
     from ..formats.gguf_mix import nominal_bits
-    from ..source import resolve
 
     source = resolve(spec, revision)
     kind = "gguf" if path.suffix.lower() == ".gguf" else ("hf" if path.is_dir() else "builtin")
