@@ -12,6 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from gguf import GGMLQuantizationType
+
+from mlxedge.formats.ggml_blocks import TYPES
 
 
 def llama_cpp():
@@ -46,3 +49,30 @@ def quantize_file(src: Path, dst: Path, mix: str, pure: bool = False) -> None:
     params.pure = pure
     rc = lc.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     assert rc == 0, f"llama_model_quantize({mix}) failed with {rc}"
+
+
+def libggml() -> ctypes.CDLL:
+    """The ggml library llama-cpp-python ships (the one with `ggml_quantize_chunk`)."""
+    lib_dir = Path(llama_cpp().__file__).parent / "lib"
+    for name in ("libggml-base.so", "libggml-base.dylib", "libggml.so", "libggml.dylib"):
+        if (lib_dir / name).exists():
+            lib = ctypes.CDLL(str(lib_dir / name))
+            if hasattr(lib, "ggml_quantize_chunk"):
+                return lib
+    pytest.fail(f"no ggml library with ggml_quantize_chunk under {lib_dir}")
+
+
+def llama_cpp_quantize(x: np.ndarray, type_name: str) -> np.ndarray:
+    """llama.cpp's reference quantizer (`ggml_quantize_chunk`, no imatrix) of the rows of `x`."""
+    fn = libggml().ggml_quantize_chunk
+    fn.restype = ctypes.c_size_t
+    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                   ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]  # fmt: skip
+    t = TYPES[type_name]
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    rows, cols = x.shape
+    out = np.zeros((rows, cols // t.block_size * t.type_size), dtype=np.uint8)
+    written = fn(GGMLQuantizationType[type_name].value, x.ctypes.data, out.ctypes.data, 0, rows,
+                 cols, None)  # fmt: skip
+    assert written == out.nbytes
+    return out

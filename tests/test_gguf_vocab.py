@@ -16,6 +16,7 @@ import copy
 import functools
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -24,12 +25,16 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
+from llamacpp_util import llama_cpp
+from tokenizers import Tokenizer
 
 from mlxedge.errors import MlxedgeError
+from mlxedge.formats.gguf_pretokenizers import CANONICAL, PRE_TOKENIZERS, TABLE
 from mlxedge.formats.gguf_tokenizer import TokenizerKeys, tokenizer_files_from_gguf
 from mlxedge.formats.gguf_vocab import (
     LLAMA_CPP_PRE_NAMES,
     PRE_TOKENIZER_ALIASES,
+    _normal_regex,
     add_tokenizer,
     detect_pre_tokenizer,
 )
@@ -70,16 +75,6 @@ def pre_sequence(*steps: dict) -> dict:
 
 
 # --------------------------------------------------------------------------------------- helpers
-
-
-def llama_cpp():
-    try:
-        import llama_cpp
-    except ImportError:
-        if os.environ.get("CI") == "true":
-            pytest.fail("llama-cpp-python is not installed in CI", pytrace=False)
-        pytest.skip("llama-cpp-python is not installed (pip install -e '.[llamacpp]')")
-    return llama_cpp
 
 
 def write_vocab_gguf(
@@ -188,12 +183,8 @@ def test_smollm2_vocab_tokenizes_like_the_shipped_gguf(tmp_path, smollm2_gguf, d
 # ----------------------------------------------------------------- llama.cpp test vocabularies (b)
 
 
-@pytest.fixture(scope="session")
-def vocab_dir() -> Path:
-    """llama.cpp's models/ggml-vocab-* files, from the llama-cpp-python sdist (cached)."""
-    folder = CACHE / f"llama-cpp-python-{LLAMA_CPP_PYTHON}" / "models"
-    if (folder / "ggml-vocab-llama-spm.gguf.out").is_file():
-        return folder
+def sdist() -> Path:
+    """The llama-cpp-python source distribution (downloaded once into the cache)."""
     download = CACHE / "sdist"
     download.mkdir(parents=True, exist_ok=True)
     name = f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"
@@ -206,10 +197,22 @@ def vocab_dir() -> Path:
             if os.environ.get("CI") == "true":
                 pytest.fail(message, pytrace=False)
             pytest.skip(message)
-    prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON}/vendor/llama.cpp/models/"
+    return download / name
+
+
+VENDORED = f"llama_cpp_python-{LLAMA_CPP_PYTHON}/vendor/llama.cpp/"
+
+
+@pytest.fixture(scope="session")
+def vocab_dir() -> Path:
+    """llama.cpp's models/ggml-vocab-* files, from the llama-cpp-python sdist (cached)."""
+    folder = CACHE / f"llama-cpp-python-{LLAMA_CPP_PYTHON}" / "models"
+    if (folder / "ggml-vocab-llama-spm.gguf.out").is_file():
+        return folder
+    prefix = VENDORED + "models/"
     partial = folder.with_name("models.partial")
     partial.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(download / name) as tar:
+    with tarfile.open(sdist()) as tar:
         for member in tar.getmembers():
             base = member.name.removeprefix(prefix)
             if member.isfile() and base != member.name and base.startswith("ggml-vocab-"):
@@ -242,12 +245,15 @@ def check_vocab(tmp_path: Path, folder: Path, name: str, tok_json, tok_config, m
     return ours
 
 
-# Vocabularies whose pre-tokenizer our importer (gguf_tokenizer.PRE_TOKENIZERS) rebuilds.
-IMPORTABLE = ["llama-bpe", "qwen2", "gpt-2", "starcoder", "refact", "command-r", "mpt"]
+# llama.cpp's byte-level BPE test vocabularies (all of them our importer rebuilds).
+BPE_VOCABS = [
+    "llama-bpe", "qwen2", "qwen35", "gpt-2", "starcoder", "refact", "command-r", "mpt", "falcon",
+    "deepseek-llm", "deepseek-coder",
+]  # fmt: skip
 
 
 @pytest.mark.llamacpp
-@pytest.mark.parametrize("name", IMPORTABLE)
+@pytest.mark.parametrize("name", BPE_VOCABS)
 def test_bpe_vocab_round_trip_reproduces_llama_cpp_test_ids(tmp_path, vocab_dir, name):
     tok_json, tok_config, meta = imported(vocab_dir / f"ggml-vocab-{name}.gguf")
     pre = meta[TokenizerKeys.PRE]
@@ -255,8 +261,8 @@ def test_bpe_vocab_round_trip_reproduces_llama_cpp_test_ids(tmp_path, vocab_dir,
     check_vocab(tmp_path, vocab_dir, name, tok_json, tok_config, meta)
 
 
-# Schemes our importer has no table entry for: import under a stand-in name, then put the
-# definition the model's Hugging Face tokenizer.json carries (from llama.cpp's regex table).
+# The definitions the models' Hugging Face tokenizer.json files carry (llama.cpp's regex table
+# notes the original spellings), for schemes whose spelling differs from llama.cpp's.
 HF_DEFINITIONS = {
     "deepseek-llm": pre_sequence(
         split("[\r\n]"),
@@ -294,12 +300,140 @@ HF_DEFINITIONS = {
 
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("name", sorted(HF_DEFINITIONS))
-def test_detected_scheme_reproduces_llama_cpp_test_ids(tmp_path, vocab_dir, name):
+def test_hugging_face_definition_reproduces_llama_cpp_test_ids(tmp_path, vocab_dir, name):
     path = vocab_dir / f"ggml-vocab-{name}.gguf"
-    tok_json, tok_config, meta = imported(path, **{TokenizerKeys.PRE: "gpt-2"})
+    tok_json, tok_config, meta = imported(path)
     tok_json["pre_tokenizer"] = HF_DEFINITIONS[name]
-    assert detect_pre_tokenizer(tok_json) == name == original_metadata(path)[TokenizerKeys.PRE]
+    assert detect_pre_tokenizer(tok_json) == name == meta[TokenizerKeys.PRE]
     check_vocab(tmp_path, vocab_dir, name, tok_json, tok_config, meta)
+
+
+# ------------------------------------------------- the pre-tokenizer table (gguf_pretokenizers)
+
+
+def c_string(body: str) -> str:
+    """What a C string literal of llama-vocab.cpp denotes (the escapes that file uses)."""
+    escapes = {"\\": "\\", '"': '"', "r": "\r", "n": "\n", "t": "\t"}
+    return re.sub(r"\\(.)", lambda m: escapes[m.group(1)], body)
+
+
+def llama_vocab_facts(source: str) -> dict[str, dict]:
+    """`tokenizer.ggml.pre` name -> what llama-vocab.cpp does for it, read from the source."""
+    start = source.index("struct llm_tokenizer_bpe : llm_tokenizer {")
+    end = source.index("std::vector<std::string> regex_exprs;", start)
+    regexes, byte_encode = {}, {}
+    for block in re.split(r"\n\s*break;", source[start:end]):
+        types = re.findall(r"case LLAMA_VOCAB_PRE_TYPE_(\w+):", block)
+        types += ["DEFAULT"] if "default:" in block else []
+        found = re.search(r"regex_exprs = \{(.*?)\n\s*\};", block, re.S)
+        if types and found:
+            code = "\n".join(re.sub(r"^\s*//.*$", "", line) for line in found[1].split("\n"))
+            strings = tuple(c_string(s) for s in re.findall(r'"((?:[^"\\]|\\.)*)"', code))
+            for t in types:
+                regexes[t] = strings
+                byte_encode[t] = "byte_encode = false" not in block
+    start = source.index('} else if (tokenizer_pre == "default") {')
+    end = source.index("unknown pre-tokenizer type", start)
+    facts = {}
+    for branch in source[start:end].split("} else if ("):
+        names = re.findall(r'tokenizer_pre == "([^"]+)"', branch)
+        if names:
+            pre_type = re.search(r"pre_type = LLAMA_VOCAB_PRE_TYPE_(\w+);", branch)[1]
+            fact = {
+                "regexes": regexes[pre_type],
+                "byte_encode": byte_encode[pre_type],
+                "ignore_merges": "ignore_merges = true" in branch,
+                "add_bos": "add_bos = true" in branch,
+                "clean_spaces": "clean_spaces = false" not in branch,
+                "add_sep": "add_sep = true" in branch,
+            }
+            facts.update(dict.fromkeys(names, fact))
+    return facts
+
+
+@pytest.fixture(scope="session")
+def llama_vocab_cpp() -> str:
+    """llama.cpp's src/llama-vocab.cpp as vendored by the llama-cpp-python sdist."""
+    with tarfile.open(sdist()) as tar:
+        return tar.extractfile(VENDORED + "src/llama-vocab.cpp").read().decode("utf-8")
+
+
+def test_table_states_what_llama_vocab_cpp_does(llama_vocab_cpp):
+    facts = llama_vocab_facts(llama_vocab_cpp)
+    assert len(facts) > 80
+    assert sorted(PRE_TOKENIZERS) == sorted(facts) == sorted(LLAMA_CPP_PRE_NAMES)
+    for name, fact in facts.items():
+        row = PRE_TOKENIZERS[name]
+        escaped = tuple(_normal_regex(r) for r in fact["regexes"])  # control characters escaped
+        got = (row.regexes, row.ignore_merges, row.add_bos, row.clean_spaces, row.add_sep)
+        want = (escaped, fact["ignore_merges"], fact["add_bos"], fact["clean_spaces"])
+        assert got == (*want, fact["add_sep"]), name
+        if not fact["byte_encode"]:
+            assert row.unsupported, name
+
+
+def test_table_regexes_are_spelled_as_detection_compares_them():
+    for row in TABLE:
+        assert all(_normal_regex(r) == r for r in row.regexes), row.names
+
+
+def tiny_gguf(pre: str) -> dict:
+    return {
+        TokenizerKeys.MODEL: "gpt2",
+        TokenizerKeys.PRE: pre,
+        TokenizerKeys.TOKENS: ["a", "b", "ab", "<|endoftext|>"],
+        TokenizerKeys.TOKEN_TYPE: [1, 1, 1, 3],
+        TokenizerKeys.MERGES: ["a b"],
+        TokenizerKeys.BOS_ID: 3,
+    }
+
+
+@pytest.mark.parametrize("name", [n for n, row in PRE_TOKENIZERS.items() if not row.unsupported])
+def test_every_importable_name_is_detected_back_as_its_behaviour(name):
+    files = tokenizer_files_from_gguf(tiny_gguf(name))
+    tok_json = json.loads(files["tokenizer.json"])
+    row = PRE_TOKENIZERS[name]
+    assert detect_pre_tokenizer(tok_json) == PRE_TOKENIZER_ALIASES.get(name, name)
+    assert PRE_TOKENIZERS[detect_pre_tokenizer(tok_json)].behaviour == row.behaviour
+    assert json.loads(files["tokenizer_config.json"])["add_bos_token"] is row.add_bos
+
+
+@pytest.mark.parametrize("name", [row.names[0] for row in TABLE if row.unsupported])
+def test_import_names_why_a_name_is_not_supported(name):
+    with pytest.raises(MlxedgeError, match=re.escape(PRE_TOKENIZERS[name].unsupported)):
+        tokenizer_files_from_gguf(tiny_gguf(name))
+
+
+# Texts on top of llama-bpe's test strings, for the splits those do not reach.
+MORE_TEXTS = [
+    "1234567 12 123 1,234,567.89 \u0663\u0664\u0665",
+    "Hello World HELLO world CamelCaseWord iPhone",
+    "<sentinel:12> IMGIMGABCZ \t\ttab  two  four    x",
+    "日本語のテキスト 中文 한국어 ㄅㄆ",
+    "Ελληνικά Привет мир! مرحبا café naïve\u0301 e\u0301",
+    "a\n\nb\r\n  \n c  ",
+    "x/y\n/z ...!!",
+    "!!!Hello, (world)?",
+]
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("name", sorted(set(CANONICAL.values())))
+def test_every_importable_behaviour_tokenizes_like_llama_cpp(tmp_path, vocab_dir, name):
+    """GPT-2's vocabulary under each behaviour: our imported tokenizer gives llama.cpp's ids, and
+    exporting it again detects the same name."""
+    meta = {**original_metadata(vocab_dir / "ggml-vocab-gpt-2.gguf"), TokenizerKeys.PRE: name}
+    files = tokenizer_files_from_gguf(meta)
+    tok_json = json.loads(files["tokenizer.json"])
+    config = json.loads(files["tokenizer_config.json"])
+    ours = write_vocab_gguf(tmp_path / "v.gguf", tok_json, config, len(meta[TokenizerKeys.TOKENS]))
+    assert metadata(ours)[TokenizerKeys.PRE] == name
+    texts = vocab_tests(vocab_dir, "llama-bpe")[0] + MORE_TEXTS
+    tokenizer = Tokenizer.from_str(files["tokenizer.json"].decode("utf-8"))
+    got = [tokenizer.encode(t, add_special_tokens=False).ids for t in texts]
+    expected = tokenize_all(ours, texts)
+    wrong = [(t, e, g) for t, e, g in zip(texts, expected, got, strict=True) if e != g]
+    assert not wrong, f"{len(wrong)} of {len(texts)} differ, first: {wrong[0]}"
 
 
 @pytest.mark.llamacpp

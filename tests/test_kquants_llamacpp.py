@@ -7,49 +7,13 @@ the ones llama-quantize uses.
 
 from __future__ import annotations
 
-import ctypes
-import os
-from pathlib import Path
-
 import numpy as np
 import pytest
-from gguf import GGMLQuantizationType
+from llamacpp_util import llama_cpp_quantize
 
-from mlxedge.formats.ggml_blocks import TYPES, quantize_rows
+from mlxedge.formats.ggml_blocks import quantize_rows
 
 pytestmark = pytest.mark.llamacpp
-
-
-def _libggml() -> ctypes.CDLL:
-    try:
-        import llama_cpp
-    except ImportError:
-        if os.environ.get("CI") == "true":
-            pytest.fail("llama-cpp-python is not installed in CI", pytrace=False)
-        pytest.skip("llama-cpp-python is not installed (pip install -e '.[llamacpp]')")
-    lib_dir = Path(llama_cpp.__file__).parent / "lib"
-    for name in ("libggml-base.so", "libggml-base.dylib", "libggml.so", "libggml.dylib"):
-        if (lib_dir / name).exists():
-            lib = ctypes.CDLL(str(lib_dir / name))
-            if hasattr(lib, "ggml_quantize_chunk"):
-                return lib
-    pytest.fail(f"no ggml library with ggml_quantize_chunk under {lib_dir}")
-
-
-def llama_cpp_quantize(x: np.ndarray, type_name: str) -> np.ndarray:
-    lib = _libggml()
-    fn = lib.ggml_quantize_chunk
-    fn.restype = ctypes.c_size_t
-    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                   ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]  # fmt: skip
-    t = TYPES[type_name]
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    rows, cols = x.shape
-    out = np.zeros((rows, cols // t.block_size * t.type_size), dtype=np.uint8)
-    written = fn(GGMLQuantizationType[type_name].value, x.ctypes.data, out.ctypes.data, 0, rows,
-                 cols, None)  # fmt: skip
-    assert written == out.nbytes
-    return out
 
 
 def hard_rows(rng: np.random.Generator) -> np.ndarray:

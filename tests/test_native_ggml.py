@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import pytest
+from llamacpp_util import llama_cpp_quantize
 
 from mlxedge.formats import ggml_blocks
 from mlxedge.formats.ggml_blocks import TYPES, quantize_rows
@@ -146,13 +147,15 @@ def smollm2_ffn_down() -> list[np.ndarray]:
 
 @pytest.mark.parametrize("name", K_TYPES)
 def test_native_on_real_weights(smollm2_ffn_down, name):
-    """SmolLM2's ffn_down tensors: the native bytes are the specification's (first tensor, the
-    numpy quantizer is slow) and, where llama-cpp-python is installed, llama.cpp's (all three)."""
+    """SmolLM2's ffn_down tensors: the native bytes are the specification's (first tensor only,
+    the numpy quantizer is slow)."""
     first = smollm2_ffn_down[0]
     np.testing.assert_array_equal(quantize_rows(first, name), spec(first, name))
-    try:
-        from test_kquants_llamacpp import llama_cpp_quantize
-    except ImportError:
-        return
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("name", K_TYPES)
+def test_native_on_real_weights_equals_llama_cpp(smollm2_ffn_down, name):
+    """All three tensors: the native bytes are llama.cpp's reference quantizer's."""
     for w in smollm2_ffn_down:
         np.testing.assert_array_equal(quantize_rows(w, name), llama_cpp_quantize(w, name))

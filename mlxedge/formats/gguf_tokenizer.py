@@ -6,8 +6,8 @@ the `tokenizer.json` + side files that `transformers` and `mlx_lm` read, aiming 
 ids llama.cpp would produce.
 
 Two vocabulary kinds are handled:
-- "gpt2": byte-level BPE. The split regexes come from the `tokenizer.ggml.pre` name, matching the
-  table in llama.cpp's `src/llama-vocab.cpp` (each regex splits the pieces the previous one left).
+- "gpt2": byte-level BPE. The split regexes and flags come from the `tokenizer.ggml.pre` name, as
+  llama.cpp's `src/llama-vocab.cpp` maps them (the table in gguf_pretokenizers, shared with export).
 - "llama": SentencePiece-style BPE with byte fallback; merges are derived from token scores the way
   llama.cpp's SPM tokenizer ranks them (the merged piece with the highest score wins).
 """
@@ -31,6 +31,7 @@ from tokenizers import (
 )
 
 from mlxedge.errors import MlxedgeError
+from mlxedge.formats.gguf_pretokenizers import PRE_TOKENIZERS, PreTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -62,56 +63,7 @@ TOKEN_TYPE_USER_DEFINED = 4
 TOKEN_TYPE_UNUSED = 5
 TOKEN_TYPE_BYTE = 6
 
-# Split regexes of llama.cpp's BPE pre-tokenizers (llama-vocab.cpp, llm_tokenizer_bpe), applied in
-# order. The contraction alternatives are spelled with explicit case classes, as llama.cpp does,
-# because its regex engine has no inline (?i:...) groups.
-_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
-_LLAMA3 = (
-    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+"
-    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN2 = (
-    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+"
-    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_DEFAULT = (r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", r"[0-9][0-9][0-9]")
-
-
-class _PreTokenizer:
-    """One llama.cpp pre-tokenizer: its split regexes and the vocabulary flags it implies."""
-
-    def __init__(
-        self, regexes: tuple[str, ...], ignore_merges: bool = False, add_bos: bool = False
-    ):
-        self.regexes = regexes
-        # llama.cpp looks a whole pre-token up in the vocabulary before merging for these.
-        self.ignore_merges = ignore_merges
-        # The default for add_bos_token when the GGUF does not say.
-        self.add_bos = add_bos
-
-
-_LLAMA3_PRE = _PreTokenizer((_LLAMA3,), ignore_merges=True, add_bos=True)
-_DIGITS_GPT2_PRE = _PreTokenizer((r"\p{N}", _GPT2))
-_GPT2_PRE = _PreTokenizer((_GPT2,))
-_QWEN2_PRE = _PreTokenizer((_QWEN2,))
-
-# `tokenizer.ggml.pre` name -> pre-tokenizer, as llama.cpp maps them.
-PRE_TOKENIZERS: dict[str, _PreTokenizer] = {
-    "default": _PreTokenizer(_DEFAULT),
-    **dict.fromkeys(
-        ["llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral"], _LLAMA3_PRE
-    ),
-    # the llama3 split, without its vocabulary flags (llama.cpp's DBRX and SMAUG types)
-    **dict.fromkeys(["dbrx", "smaug-bpe"], _PreTokenizer((_LLAMA3,))),
-    **dict.fromkeys(
-        ["smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"],
-        _DIGITS_GPT2_PRE,
-    ),
-    **dict.fromkeys(["gpt-2", "phi-2", "mpt", "olmo", "jais", "exaone4"], _GPT2_PRE),
-    **dict.fromkeys(["qwen2", "deepseek-r1-qwen", "stablelm2", "megrez"], _QWEN2_PRE),
-}
-
-_SPM_SPACE = "\u2581"  # SentencePiece's visible space
+SPM_SPACE = "\u2581"  # SentencePiece's visible space
 
 
 def tokenizer_files_from_gguf(metadata: Mapping[str, Any]) -> dict[str, bytes]:
@@ -147,12 +99,7 @@ def tokenizer_files_from_gguf(metadata: Mapping[str, Any]) -> dict[str, bytes]:
                 "GGUF has no %s; using llama.cpp's 'default' splitter", TokenizerKeys.PRE
             )
             pre_name = "default"
-        pre = PRE_TOKENIZERS.get(pre_name)
-        if pre is None:
-            raise MlxedgeError(
-                f"pre-tokenizer {pre_name!r} is not supported yet; supported: "
-                + ", ".join(sorted(PRE_TOKENIZERS))
-            )
+        pre = _pre_tokenizer(pre_name)
         merges = list(_required(metadata, TokenizerKeys.MERGES))
         tokenizer = _build(_byte_level_bpe, tokens, merges, pre)
         default_add_bos = pre.add_bos
@@ -214,6 +161,18 @@ def _build(make: Callable[..., Tokenizer], *args: Any) -> Tokenizer:
         raise MlxedgeError(f"the vocabulary cannot be built into a tokenizer: {err}") from err
 
 
+def _pre_tokenizer(name: str) -> PreTokenizer:
+    pre = PRE_TOKENIZERS.get(name)
+    if pre is None or pre.unsupported is not None:
+        why = "llama.cpp does not know it" if pre is None else pre.unsupported
+        supported = sorted(n for n, p in PRE_TOKENIZERS.items() if p.unsupported is None)
+        raise MlxedgeError(
+            f"pre-tokenizer {name!r} ({TokenizerKeys.PRE}) is not supported yet: {why}; "
+            "supported: " + ", ".join(supported)
+        )
+    return pre
+
+
 def _required(metadata: Mapping[str, Any], key: str) -> Any:
     value = metadata.get(key)
     if value is None:
@@ -231,7 +190,7 @@ def _check_unique(tokens: list[str]) -> None:
             seen[tok] = i
 
 
-def _byte_level_bpe(tokens: list[str], merges: list[str], pre: _PreTokenizer) -> Tokenizer:
+def _byte_level_bpe(tokens: list[str], merges: list[str], pre: PreTokenizer) -> Tokenizer:
     """Byte-level BPE with llama.cpp's split regexes in front of the byte-to-unicode mapping."""
     pairs = []
     for i, merge in enumerate(merges):
@@ -290,13 +249,13 @@ def _sentencepiece_bpe(
     merges = [(left, right) for *_, left, right in ranked]
     model = models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True)
     tokenizer = Tokenizer(model)
-    steps = [normalizers.Replace(" ", _SPM_SPACE)]
+    steps = [normalizers.Replace(" ", SPM_SPACE)]
     if add_prefix:
-        steps.insert(0, normalizers.Prepend(_SPM_SPACE))
+        steps.insert(0, normalizers.Prepend(SPM_SPACE))
     tokenizer.normalizer = normalizers.Sequence(steps)
     strip_first = [decoders.Strip(" ", 1, 0)] if add_prefix else []
     tokenizer.decoder = decoders.Sequence(
-        [decoders.Replace(_SPM_SPACE, " "), decoders.ByteFallback(), decoders.Fuse(), *strip_first]
+        [decoders.Replace(SPM_SPACE, " "), decoders.ByteFallback(), decoders.Fuse(), *strip_first]
     )
     return tokenizer
 

@@ -24,126 +24,46 @@ import gguf
 import numpy as np
 
 from ..errors import MlxedgeError
-from .gguf_tokenizer import PRE_TOKENIZERS
+from .gguf_pretokenizers import (
+    CANONICAL,
+    CONTRACTIONS,
+    DIGIT,
+    DIGITS,
+    GPT2,
+    PRE_TOKENIZERS,
+    TEKKEN,
+    canonical_name,
+)
+from .gguf_tokenizer import SPM_SPACE
 
 log = logging.getLogger(__name__)
 
 _SPECIAL_LOOKING = ("<|", "<｜", "<pad>", "<mask>", "<unused")
-_SPM_SPACE = "\u2581"  # SentencePiece's visible space
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
-# Every `tokenizer.ggml.pre` value llama.cpp accepts (src/llama-vocab.cpp, llama.cpp 0c1e570 as
-# vendored by llama-cpp-python 0.3.36); any other value makes llama.cpp refuse the file.
-LLAMA_CPP_PRE_NAMES: tuple[str, ...] = (
-    "default", "minicpm5", "llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral",
-    "midm-2.0", "lfm2", "jina-v5-nano", "deepseek-llm", "deepseek-coder", "deepseek-v3",
-    "spark2_5", "youtu", "falcon", "mpt", "starcoder", "gpt-2", "phi-2", "jina-es", "jina-de",
-    "gigachat", "jina-v2-es", "jina-v2-de", "a.x-4.0", "mellum", "modern-bert", "jais-2",
-    "gemma4", "granite-embed-multi-311m", "sarvam-moe", "jina-v1-en", "jina-v2-code",
-    "roberta-bpe", "whitespace", "refact", "command-r", "qwen2", "deepseek-r1-qwen", "kormo",
-    "f2llmv2", "qwen35", "stablelm2", "olmo", "dbrx", "smaug-bpe", "poro-chat", "chatglm-bpe",
-    "glm4", "glm5", "viking", "jais", "tekken", "smollm", "codeshell", "bloom", "gpt3-finnish",
-    "exaone", "exaone4", "exaone-moe", "chameleon", "minerva-7b", "megrez", "gpt-4o", "llama4",
-    "kanana2", "talkie", "granite-embed-multi-97m", "tiny_aya", "cohere2moe", "superbpe",
-    "trillion", "granite-docling", "bailingmoe", "bailingmoe2", "llada-moe", "seed-coder",
-    "hunyuan", "hunyuan-dense", "hy_v4", "joyai-llm", "kimi-k2", "ufakzeka", "grok-2", "afmoe",
-    "laguna", "minimax-m2", "solar-open", "mellum2",
-)  # fmt: skip
+# Every `tokenizer.ggml.pre` value llama.cpp accepts; any other makes llama.cpp refuse the file.
+LLAMA_CPP_PRE_NAMES: tuple[str, ...] = tuple(PRE_TOKENIZERS)
 
-# Split regexes as llama.cpp spells them (llm_tokenizer_bpe). The shared ones come from the
-# importer's table so that both directions use one spelling.
-_GPT2 = PRE_TOKENIZERS["gpt-2"].regexes[0]
-_LLAMA3 = PRE_TOKENIZERS["llama-bpe"].regexes[0]
-_QWEN2 = PRE_TOKENIZERS["qwen2"].regexes[0]
-_DIGIT = PRE_TOKENIZERS["smollm"].regexes[0]  # \p{N}: one digit per piece
-_QWEN35 = (
-    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+"
-    r"|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_TEKKEN = (
-    r"[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))*((?=[\p{L}])([^A-Z]))+"
-    r"|[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))+((?=[\p{L}])([^A-Z]))*"
-    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-# Tekken's original \p{Lu}/\p{Ll} classes, which llama.cpp's regex engine emulates as above.
+# Names that split like another one (same regexes and merge mode in llama.cpp) -> the name export
+# writes for that behaviour, for every behaviour the importer can rebuild.
+PRE_TOKENIZER_ALIASES: dict[str, str] = {
+    name: canonical
+    for name in PRE_TOKENIZERS
+    if (canonical := canonical_name(name)) is not None and canonical != name
+}
+
+# Tekken's original \p{Lu}/\p{Ll} classes, which llama.cpp's regex engine emulates (TEKKEN).
 _TEKKEN_HF = (
     r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
     r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
     r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-# DeepSeek's classes, escaped so no editor or tool can normalize the characters.
-_DEEPSEEK_LETTERS = (
-    "\\s?[A-Za-z\xb5\xc0-\xd6\xd8-\xf6\xf8-\u01ba\u01bc-\u01bf\u01c4-\u0293\u0295-\u02af"
-    "\u0370-\u0373\u0376\u0377\u037b-\u037d\u037f\u0386\u0388-\u038a\u038c\u038e-\u03a1"
-    "\u03a3-\u03f5\u03f7-\u0481\u048a-\u052f\u0531-\u0556\u10a0-\u10c5\u13a0-\u13f5"
-    "\u13f8-\u13fd\u1c90-\u1cba\u1cbd-\u1cbf\u1d00-\u1d2b\u1d6b-\u1d77\u1d79-\u1d9a"
-    "\u1e00-\u1f15\u1f18-\u1f1d\u1f20-\u1f45\u1f48-\u1f4d\u1f50-\u1f57\u1f59\u1f5b\u1f5d"
-    "\u1f5f-\u1f7d\u1f80-\u1fb4\u1fb6-\u1fbc\u1fbe\u1fc2-\u1fc4\u1fc6-\u1fcc\u1fd0-\u1fd3"
-    "\u1fd6-\u1fdb\u1fe0-\u1fec\u1ff2-\u1ff4\u1ff6-\u1ffc\u2102\u2107\u210a-\u2113\u2115"
-    "\u2119-\u211d\u2124\u2126\u2128\u212a-\u212d\u212f-\u2134\u2139\u213c-\u213f"
-    "\u2145-\u2149\u214e\u2183\u2184\u2c00-\u2c7b\u2c7e-\u2ce4\u2ceb-\u2cee\u2cf2\u2cf3"
-    "\ua640-\ua66d\ua680-\ua69b\ua722-\ua76f\ua771-\ua787\ua78b-\ua78e\uab70-\uabbf"
-    "\ufb00-\ufb06\ufb13-\ufb17\uff21-\uff3a\uff41-\uff5a\U00010400-\U0001044f"
-    "\U000104b0-\U000104d3\U000104d8-\U000104fb\U00010c80-\U00010cb2\U00010cc0-\U00010cf2"
-    "\U000118a0-\U000118df\U0001e900-\U0001e943]+"
-)
-_DEEPSEEK_CJK = "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+"
-_DEEPSEEK_LLM = (
-    r"[\r\n]",
-    _DEEPSEEK_LETTERS,
-    "\\s?[!-/:-~\uff01-\uff0f\uff1a-\uff5e\u2018-\u201f\u3000-\u3002]+",
-    r"\s+$",
-    _DEEPSEEK_CJK,
-    r"\p{N}+",
-)
-_DEEPSEEK_CODER = (r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", _DEEPSEEK_CJK, r"\p{N}")
-
 # Hugging Face spellings llama.cpp rewrote for its regex engine, which has no inline flags.
 _HF_CONTRACTIONS = "(?i:'s|'t|'re|'ve|'m|'ll|'d)"
-_LLAMA_CPP_CONTRACTIONS = "(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
 # The split of the `ByteLevel(use_regex=True)` step (tokenizers' byte_level.rs). llama.cpp's GPT-2
 # regex lacks the final `|\s+`; it keeps any text no alternative matches as a piece of its own,
 # which is what that alternative does.
-_HF_GPT2 = _GPT2 + r"|\s+"
-
-
-class _Scheme:
-    """A llama.cpp pre-tokenizer as the split regexes it applies plus the BPE merge mode."""
-
-    def __init__(self, name: str, regexes: tuple[str, ...], ignore_merges: bool = False):
-        self.name = name
-        self.regexes = regexes
-        self.ignore_merges = ignore_merges
-
-
-# One canonical name per behaviour. Names with the same regexes and flags are aliases: starcoder,
-# refact, command-r, codeshell, exaone and minerva-7b split like smollm (starcoder and refact
-# differ only in detokenizing: llama.cpp cleans spaces before punctuation for them, not for
-# smollm, whose Hugging Face tokenizers say clean_up_tokenization_spaces=false); mpt, olmo, jais
-# and phi-2 split like gpt-2; stablelm2, megrez and deepseek-r1-qwen like qwen2.
-_SCHEMES = (
-    _Scheme("gpt-2", (_GPT2,)),
-    _Scheme("llama-bpe", (_LLAMA3,), ignore_merges=True),
-    _Scheme("smaug-bpe", (_LLAMA3,)),
-    _Scheme("qwen2", (_QWEN2,)),
-    _Scheme("qwen35", (_QWEN35,)),
-    _Scheme("smollm", (_DIGIT, _GPT2)),
-    _Scheme("tekken", (_TEKKEN,), ignore_merges=True),
-    _Scheme("deepseek-llm", _DEEPSEEK_LLM),
-    _Scheme("deepseek-coder", _DEEPSEEK_CODER),
-)
-_SCHEME_BY_DEFINITION = {(s.regexes, s.ignore_merges): s.name for s in _SCHEMES}
-
-# Names that behave like a canonical one (same regexes and merge mode in llama.cpp).
-PRE_TOKENIZER_ALIASES: dict[str, str] = {
-    **dict.fromkeys(["llama3", "llama-v3", "falcon3", "falcon-h1", "pixtral"], "llama-bpe"),
-    **dict.fromkeys(["dbrx"], "smaug-bpe"),
-    **dict.fromkeys(["mpt", "olmo", "jais", "phi-2", "exaone4", "trillion"], "gpt-2"),
-    **dict.fromkeys(["stablelm2", "megrez", "deepseek-r1-qwen", "kormo", "f2llmv2"], "qwen2"),
-    **dict.fromkeys(
-        ["starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"], "smollm"
-    ),
-}
+_HF_GPT2 = GPT2 + r"|\s+"
 
 _EXAMPLES = "gpt-2, llama-bpe, qwen2, smollm, deepseek-llm"
 
@@ -159,9 +79,9 @@ def detect_pre_tokenizer(tok_json: dict) -> str:
         tok_json: a parsed tokenizer.json with a BPE model.
 
     Returns:
-        A canonical name: "gpt-2", "llama-bpe", "smaug-bpe", "qwen2", "qwen35", "smollm",
-        "tekken", "deepseek-llm" or "deepseek-coder". Aliases with identical behaviour (e.g.
-        "starcoder" for "smollm") are in PRE_TOKENIZER_ALIASES.
+        The name export writes for that behaviour (gguf_pretokenizers.CANONICAL), e.g. "gpt-2",
+        "llama-bpe", "qwen2", "smollm" or "deepseek-llm". Other names with the same behaviour
+        (e.g. "starcoder" for "smollm") are in PRE_TOKENIZER_ALIASES.
 
     Raises:
         MlxedgeError: the definition has no llama.cpp equivalent; the message names the
@@ -176,7 +96,7 @@ def detect_pre_tokenizer(tok_json: dict) -> str:
             problem = f"normalizer {_describe(normalizer)}"
     if problem is None:
         ignore_merges = bool(tok_json.get("model", {}).get("ignore_merges", False))
-        name = _SCHEME_BY_DEFINITION.get((regexes, ignore_merges))
+        name = CANONICAL.get((regexes, ignore_merges))
         if name is not None:
             return name
         shown = " then ".join(f"/{r}/" for r in regexes) or "none"
@@ -326,12 +246,12 @@ def _split_regexes(tok_json: dict) -> tuple[tuple[str, ...], str | None]:
                 return (), f"step {_describe(step)}"
             regexes.append(_normal_regex(pattern["Regex"]))
         elif kind == "Digits":
-            regexes.append(_DIGIT if step.get("individual_digits") else r"\p{N}+")
+            regexes.append(DIGIT if step.get("individual_digits") else DIGITS)
         elif kind == "ByteLevel" and k == len(steps) - 1:
             if step.get("add_prefix_space"):
                 return (), "ByteLevel with add_prefix_space=true (llama.cpp never adds a space)"
             if step.get("use_regex", True):
-                regexes.append(_GPT2)
+                regexes.append(GPT2)
         else:
             return (), f"step {_describe(step)}"
     if not steps or steps[-1].get("type") != "ByteLevel":
@@ -344,10 +264,10 @@ def _normal_regex(regex: str) -> str:
     # Control characters written literally or escaped mean the same to both engines.
     regex = regex.replace("\r", r"\r").replace("\n", r"\n").replace("\t", r"\t")
     if regex == _HF_GPT2:
-        return _GPT2
+        return GPT2
     if regex == _TEKKEN_HF:
-        return _TEKKEN
-    return regex.replace(_HF_CONTRACTIONS, _LLAMA_CPP_CONTRACTIONS)
+        return TEKKEN
+    return regex.replace(_HF_CONTRACTIONS, CONTRACTIONS)
 
 
 def _describe(obj: dict) -> str:
@@ -363,7 +283,7 @@ def _is_sentencepiece(tok_json: dict) -> bool:
     if tok_json["model"].get("byte_fallback"):
         return True
     pre = tok_json.get("pre_tokenizer") or {}
-    return pre.get("type") == "Metaspace" or _SPM_SPACE in str(tok_json.get("normalizer"))
+    return pre.get("type") == "Metaspace" or SPM_SPACE in str(tok_json.get("normalizer"))
 
 
 def _spm_space_prefix(tok_json: dict) -> bool:
@@ -378,8 +298,8 @@ def _spm_space_prefix(tok_json: dict) -> bool:
     if pre is None and normalizer is not None:
         steps = normalizer.get("normalizers") if normalizer.get("type") == "Sequence" else None
         steps = steps if steps is not None else [normalizer]
-        replace = {"type": "Replace", "pattern": {"String": " "}, "content": _SPM_SPACE}
-        prepend = {"type": "Prepend", "prepend": _SPM_SPACE}
+        replace = {"type": "Replace", "pattern": {"String": " "}, "content": SPM_SPACE}
+        prepend = {"type": "Prepend", "prepend": SPM_SPACE}
         if steps == [replace]:
             return False
         if steps == [prepend, replace]:
@@ -387,7 +307,7 @@ def _spm_space_prefix(tok_json: dict) -> bool:
     elif normalizer is None and pre is not None and pre.get("type") == "Metaspace":
         # Splitting at each `▁` (split=true) only matters for tokens holding an inner `▁`;
         # SentencePiece vocabularies trained with split_by_whitespace have none.
-        if pre.get("replacement", _SPM_SPACE) == _SPM_SPACE:
+        if pre.get("replacement", SPM_SPACE) == SPM_SPACE:
             scheme = pre.get("prepend_scheme")
             if scheme is None:
                 return bool(pre.get("add_prefix_space", True))
