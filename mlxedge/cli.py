@@ -597,13 +597,21 @@ def eval_(candidate, reference, text_spec, ctx, max_windows, backend, as_json):
     show_default=True,
     help="Windows per run of the full protocol (0: the whole text).",
 )
+@click.option(
+    "--strict",
+    is_flag=True,
+    help="A backend that cannot run an artifact fails the run instead of being skipped "
+    "(for CI: green means every backend ran).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
-def crosscheck(artifacts, reference, backends, max_kl, text_spec, ctx, max_windows, as_json):
+def crosscheck(
+    artifacts, reference, backends, max_kl, text_spec, ctx, max_windows, strict, as_json
+):
     """Run every ARTIFACT on every backend and gate fidelity and quality.
 
     Fidelity: each backend against the numpy reference run on the artifact's own weights.
     Quality: against the original model (--reference), mean KL at most --max-kl.
-    Exit code 1 when any gate fails (skipped backends do not fail).
+    Exit code 1 when any gate fails (skipped backends do not fail, unless --strict).
     """
     import dataclasses
     import json as json_
@@ -668,6 +676,9 @@ def crosscheck(artifacts, reference, backends, max_kl, text_spec, ctx, max_windo
         for r in rows:
             if r.skipped:
                 out.print(f"skipped {r.artifact} on {r.backend}: {r.skipped}", soft_wrap=True)
+    if strict and any(r.skipped for r in rows):
+        click.echo("error: --strict: a backend was skipped (see above)", err=True)
+        sys.exit(1)
     if not all(r.passed for r in rows):
         sys.exit(1)
 

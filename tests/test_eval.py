@@ -219,3 +219,12 @@ def test_a_backend_that_cannot_run_is_skipped_with_its_reason():
     assert ref["passed"] and ref["quality"]["kl_mean"] == 0 and ref["quality"]["top1"] == 1
     assert ref["max_kl"] == FLOAT_MAX_KL  # an unquantized artifact gets the float ceiling
     assert mlx["skipped"] and "loads model folders" in mlx["skipped"]
+
+
+def test_strict_fails_when_a_backend_is_skipped():
+    result = run("crosscheck", "smollm2", "--reference", "smollm2", "--windows", 1,
+                 "--backends", "reference,mlx", "--strict")  # fmt: skip
+    assert result.exit_code == 1 and "--strict" in result.output
+    result = run("crosscheck", "smollm2", "--reference", "smollm2", "--windows", 1,
+                 "--backends", "reference", "--strict")  # fmt: skip
+    assert result.exit_code == 0, result.output
