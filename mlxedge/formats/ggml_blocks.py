@@ -394,6 +394,26 @@ def _pack_k4_scales(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
     return out
 
 
+def _requantize(
+    x: np.ndarray,
+    first: np.ndarray,
+    dj: np.ndarray,
+    size: int,
+    lo: int,
+    hi: int,
+    dmj: np.ndarray | None = None,
+) -> np.ndarray:
+    """llama.cpp's second pass over a super-block: codes in [0, hi - lo] from each sub-block's
+    stored (float16-rounded) scale dj (and min dmj), `size` weights per sub-block,
+    clip(rint((x + dmj) / dj), lo, hi) - lo. A sub-block whose scale is zero is skipped there, so
+    it keeps the first pass's codes `first`."""
+    dj_e = np.repeat(dj, size, axis=1)
+    num = x if dmj is None else x + np.repeat(dmj, size, axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        requant = np.clip(np.rint(num / dj_e), lo, hi) - lo
+    return np.where(dj_e != 0, requant, first).astype(np.uint8)
+
+
 def _k_scales_mins(x: np.ndarray, nmax: int, rmin: float, nstep: int):
     """The shared first half of Q4_K and Q5_K: sub-block fits, 6-bit scales/mins, d and dmin,
     then codes recomputed from the stored (float16-rounded) values."""
@@ -416,10 +436,7 @@ def _k_scales_mins(x: np.ndarray, nmax: int, rmin: float, nstep: int):
     dmin16 = (max_min / _F(63)).astype(np.float16)
     dj = d16.astype(_F)[:, None] * ls.astype(_F)
     dmj = dmin16.astype(_F)[:, None] * lm.astype(_F)
-    dj_e, dmj_e = np.repeat(dj, 32, axis=1), np.repeat(dmj, 32, axis=1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        requant = np.clip(np.rint((x + dmj_e) / dj_e), 0, nmax)
-    codes = np.where(dj_e != 0, requant, codes).astype(np.uint8)  # zero scale: first-pass codes
+    codes = _requantize(x, codes, dj, 32, 0, nmax, dmj)
     head = np.concatenate(
         [d16.reshape(-1, 1).view(np.uint8), dmin16.reshape(-1, 1).view(np.uint8),
          _pack_k4_scales(ls, lm)], axis=1,
@@ -460,10 +477,7 @@ def _q2_k(x: np.ndarray) -> np.ndarray:
     dmin16 = np.where(has_m, max_min / _F(15), _F(0)).astype(np.float16)
     dj = d16.astype(_F)[:, None] * (packed & 15).astype(_F)
     dmj = dmin16.astype(_F)[:, None] * (packed >> 4).astype(_F)
-    dj_e, dmj_e = np.repeat(dj, 16, axis=1), np.repeat(dmj, 16, axis=1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        requant = np.clip(np.rint((x + dmj_e) / dj_e), 0, 3)
-    codes = np.where(dj_e != 0, requant, codes).astype(np.uint8)
+    codes = _requantize(x, codes, dj, 16, 0, 3, dmj)
     return np.concatenate(
         [packed, _pack_crumbs(codes), d16.reshape(-1, 1).view(np.uint8),
          dmin16.reshape(-1, 1).view(np.uint8)], axis=1,
@@ -526,10 +540,7 @@ def _q3_k(x: np.ndarray) -> np.ndarray:
     packed[:, 8:12] = high.reshape(n, 4, 4).sum(axis=1, dtype=np.uint8)
     d16 = np.where(has, _F(1) / iscale, _F(0)).astype(np.float16)
     sc = np.where(has[:, None], l6.astype(np.int16) - 32, 0)
-    dj_e = np.repeat(d16.astype(_F)[:, None] * sc.astype(_F), 16, axis=1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        requant = np.clip(np.rint(x / dj_e), -4, 3) + 4
-    codes = np.where(dj_e != 0, requant, codes).astype(np.uint8)
+    codes = _requantize(x, codes, d16.astype(_F)[:, None] * sc.astype(_F), 16, -4, 3)
     hb = (codes > 3).astype(np.uint8)
     low = codes - 4 * hb
     return np.concatenate(
@@ -547,11 +558,7 @@ def _q6_k(x: np.ndarray) -> np.ndarray:
     iscale = _F(-128) / np.where(empty, _F(1), max_scale)
     d16 = (_F(1) / iscale).astype(np.float16)
     sc = np.minimum(127, np.rint(iscale[:, None] * scales)).astype(np.int8)
-    dj = d16.astype(_F)[:, None] * sc.astype(_F)  # (n, 16)
-    dj_e = np.repeat(dj, 16, axis=1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        requant = np.clip(np.rint(x / dj_e), -32, 31) + 32
-    codes = np.where(dj_e != 0, requant, codes).astype(np.uint8)  # zero scale: first-pass codes
+    codes = _requantize(x, codes, d16.astype(_F)[:, None] * sc.astype(_F), 16, -32, 31)
     # pack: element 128h + 32g + l -> low nibble of ql[64h + 32(g%2) + l] (high nibble if g >= 2),
     # high two bits at bits 2g of qh[32h + l]
     c = codes.reshape(n, 2, 4, 32)  # (block, half, quarter, l)
