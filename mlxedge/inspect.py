@@ -117,6 +117,20 @@ def _describe_gguf(path: Path) -> Description:
         f = reader.fields.get(f"{arch}.{key}")
         if f is not None:
             facts[key] = str(f.contents())
+    file_type = reader.fields.get(gguf.Keys.General.FILE_TYPE)
+    if file_type is not None:
+        from .formats.gguf_mix import MIXES
+
+        number = int(file_type.contents())
+        name = next((m.name for m in MIXES.values() if m.file_type == number), "other")
+        facts["file_type"] = f"{name} ({number})"
+    for label, key in (
+        ("tokenizer", gguf.Keys.Tokenizer.MODEL),
+        ("pre_tokenizer", gguf.Keys.Tokenizer.PRE),
+    ):
+        f = reader.fields.get(key)
+        if f is not None:
+            facts[label] = str(f.contents())
     return Description(
         path=path,
         kind="GGUF file",

@@ -241,3 +241,11 @@ def test_values_beyond_float16_are_refused_for_f16(tmp_path):
     assert result.exit_code == 2 and "float16" in result.output and "BF16" in result.output
     assert not out.exists() and not leftovers(tmp_path)
     assert run("export", "gguf", src, "-o", out, "--type", "BF16").exit_code == 0
+
+
+def test_inspect_names_the_file_type_and_tokenizer(tiny, tmp_path):
+    out = tmp_path / "m.gguf"
+    assert run("export", "gguf", tiny, "-o", out, "--type", "Q3_K_M").exit_code == 0
+    result = run("inspect", out)
+    assert result.exit_code == 0
+    assert "file_type: Q3_K_M (12)" in result.output and "pre_tokenizer: gpt-2" in result.output
