@@ -6,12 +6,11 @@ import errno
 import json
 
 import gguf
-import mlx.core as mx
 import numpy as np
 import pytest
 from click.testing import CliRunner
 from llamacpp_util import logits as llama_cpp_logits
-from tiny_models import make_tiny_model
+from tiny_models import edit_weights, make_tiny_model
 
 from mlxedge.cli import main
 from mlxedge.formats.gguf_import import load_gguf
@@ -110,11 +109,11 @@ def test_mlx_options_are_refused_with_format_gguf(tiny, tmp_path):
 
 def test_nan_weight_names_the_tensor_and_leaves_nothing(tmp_path):
     src = make_tiny_model(tmp_path / "m", "llama", dtype="float32")
-    weights = {k: np.array(v) for k, v in mx.load(str(src / "model.safetensors")).items()}
-    weights["model.layers.1.mlp.up_proj.weight"][3, 5] = np.nan
-    mx.save_safetensors(
-        str(src / "model.safetensors"), {k: mx.array(v) for k, v in weights.items()}
-    )
+
+    def poison(weights):
+        weights["model.layers.1.mlp.up_proj.weight"][3, 5] = np.nan
+
+    edit_weights(src, poison)
     out = tmp_path / "o" / "m.gguf"
     result = run("export", "gguf", src, "-o", out, "--type", "Q8_0")
     assert result.exit_code == 2
@@ -231,11 +230,11 @@ def test_corrupt_tokenizer_json_is_named(tmp_path):
 
 def test_values_beyond_float16_are_refused_for_f16(tmp_path):
     src = make_tiny_model(tmp_path / "m", "llama", dtype="float32")
-    weights = {k: np.array(v) for k, v in mx.load(str(src / "model.safetensors")).items()}
-    weights["model.layers.0.mlp.up_proj.weight"][0, 0] = 1e5
-    mx.save_safetensors(
-        str(src / "model.safetensors"), {k: mx.array(v) for k, v in weights.items()}
-    )
+
+    def enlarge(weights):
+        weights["model.layers.0.mlp.up_proj.weight"][0, 0] = 1e5
+
+    edit_weights(src, enlarge)
     out = tmp_path / "m.gguf"
     result = run("export", "gguf", src, "-o", out, "--type", "F16")
     assert result.exit_code == 2 and "float16" in result.output and "BF16" in result.output

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 
-import mlx.core as mx
 import numpy as np
 import pytest
 from llamacpp_util import logits as llama_cpp_logits
-from tiny_models import make_tiny_model
+from tiny_models import edit_weights, make_tiny_model
 
 from mlxedge.formats.gguf_export import write_gguf
 from mlxedge.formats.gguf_mix import MIXES
@@ -73,11 +72,14 @@ def test_rope_scaling_is_exported_as_llama_cpp_reads_it(tmp_path, scaling):
     """Scaled rotary embeddings (llama3: a rope_freqs tensor; linear: metadata) in llama.cpp give
     the reference's logits; positions reach 40, where scaled and unscaled angles differ widely."""
     folder = make_tiny_model(tmp_path / "m", "llama", dtype="float32")
+
     # sharper attention than random weights give, so that positions (and rope) matter
-    weights = mx.load(str(folder / "model.safetensors"))
-    weights = {k: v * 8 if k.endswith(("q_proj.weight", "k_proj.weight")) else v
-               for k, v in weights.items()}  # fmt: skip
-    mx.save_safetensors(str(folder / "model.safetensors"), weights)
+    def sharpen(weights):
+        for k, v in weights.items():
+            if k.endswith(("q_proj.weight", "k_proj.weight")):
+                v *= 8
+
+    edit_weights(folder, sharpen)
     config = json.loads((folder / "config.json").read_text())
     config["rope_scaling"] = scaling
     (folder / "config.json").write_text(json.dumps(config))

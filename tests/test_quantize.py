@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from mlx_lm import generate, load
-from tiny_models import ARCHS, make_tiny_model
+from tiny_models import ARCHS, edit_weights, make_tiny_model
 
 from mlxedge import checkpoint
 from mlxedge.cli import main
@@ -191,11 +191,11 @@ def test_corrupt_safetensors(tmp_path, how):
 
 def test_nan_weight(tmp_path):
     src = make_tiny_model(tmp_path / "m", "llama", dtype="float32")
-    weights = {k: np.array(v) for k, v in mx.load(str(src / "model.safetensors")).items()}
-    weights["model.layers.1.mlp.up_proj.weight"][3, 5] = np.nan
-    mx.save_safetensors(
-        str(src / "model.safetensors"), {k: mx.array(v) for k, v in weights.items()}
-    )
+
+    def poison(weights):
+        weights["model.layers.1.mlp.up_proj.weight"][3, 5] = np.nan
+
+    edit_weights(src, poison)
     out = tmp_path / "out"
     result = run("quantize", src, "-o", out)
     assert result.exit_code == 2

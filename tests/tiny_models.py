@@ -330,6 +330,15 @@ def hf_tensor_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def edit_weights(folder: Path, edit) -> None:
+    """Change a single-file tiny model's weights in place: ``edit`` gets every tensor as a
+    writable float numpy array (name -> array) and changes the dict or its arrays."""
+    path = folder / "model.safetensors"
+    weights = {k: np.array(v) for k, v in mx.load(str(path)).items()}
+    edit(weights)
+    mx.save_safetensors(str(path), {k: mx.array(v) for k, v in weights.items()})
+
+
 def write_model_folder(
     folder: Path,
     config: dict[str, Any],
