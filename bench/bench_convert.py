@@ -317,19 +317,20 @@ def report(cases: list[Case], runs: int, notes: list[str]) -> str:
     return "\n".join(lines)
 
 
+def short_arg(arg: str) -> str:
+    """One command-line argument as the results file shows it: paths relative to the repository."""
+    if arg == sys.executable:
+        return "python"
+    if arg.endswith(os.sep + "mlxedge"):
+        return "mlxedge"
+    if arg.startswith(str(REPO_DIR) + os.sep):
+        return os.path.relpath(arg, REPO_DIR)
+    return arg
+
+
 def _display_argv(case: Case) -> list[str]:
     """The command line with paths shortened to the repository, for the results file."""
-
-    def short(arg: str) -> str:
-        if arg == sys.executable:
-            return "python"
-        if arg.endswith(os.sep + "mlxedge"):
-            return "mlxedge"
-        if arg.startswith(str(REPO_DIR) + os.sep):
-            return os.path.relpath(arg, REPO_DIR)
-        return arg
-
-    return [short(a) for a in case.argv]
+    return [short_arg(a) for a in case.argv]
 
 
 def write_results(section: str, path: Path = RESULTS_MD) -> None:

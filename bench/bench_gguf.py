@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import os
 import re
 import shlex
 import statistics
@@ -87,17 +86,7 @@ CONVERT_OUTTYPES = ("f32", "f16", "bf16")
 
 def short_argv(argv: list[str]) -> str:
     """A command line with paths shortened to the repository, for the results file."""
-
-    def short(arg: str) -> str:
-        if arg == sys.executable:
-            return "python"
-        if arg.endswith(os.sep + "mlxedge"):
-            return "mlxedge"
-        if arg.startswith(str(REPO_DIR) + os.sep):
-            return os.path.relpath(arg, REPO_DIR)
-        return arg
-
-    return shlex.join(short(a) for a in argv)
+    return shlex.join(bc.short_arg(a) for a in argv)
 
 
 def mlxedge_rev() -> str:
