@@ -390,8 +390,13 @@ def write_gguf(
     return ExportReport(Path(path), name, file_type, plans, warnings, adds_bos)
 
 
+def _tokenizer_file(model) -> Path | str:
+    """What errors about the tokenizer name: the folder's tokenizer.json, else the model."""
+    return model.folder / "tokenizer.json" if model.folder else model.name
+
+
 def _tokenizer_json(model) -> dict:
-    where = model.folder / "tokenizer.json" if model.folder else model.name
+    where = _tokenizer_file(model)
     if model.tokenizer_json is None:
         raise MlxedgeError(
             "the model has no tokenizer.json; a GGUF file must carry its tokenizer",
@@ -409,6 +414,7 @@ def _tokenizer_json(model) -> dict:
 
 def _add_tokenizer(writer: gguf.GGUFWriter, model, tok_json: dict, pre: str | None) -> bool:
     """`gguf_vocab.add_tokenizer`, with its errors naming the tokenizer file."""
+    where = _tokenizer_file(model)
     try:
         return add_tokenizer(
             writer, int(model.config["vocab_size"]), tok_json, model.tokenizer_config, pre
@@ -416,10 +422,8 @@ def _add_tokenizer(writer: gguf.GGUFWriter, model, tok_json: dict, pre: str | No
     except MlxedgeError as e:
         if e.path is not None:
             raise
-        where = model.folder / "tokenizer.json" if model.folder else model.name
         raise MlxedgeError(e.message, path=where, fix=e.fix) from None
     except (KeyError, TypeError, ValueError) as e:
-        where = model.folder / "tokenizer.json" if model.folder else model.name
         raise MlxedgeError(f"malformed tokenizer ({type(e).__name__}: {e})", path=where) from None
 
 
