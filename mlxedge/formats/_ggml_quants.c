@@ -383,21 +383,29 @@ INLINE void q2_k_block(const float *x, uint8_t *y) {
     memcpy(y + 82, &m16, 2);
 }
 
+/* The 16 sub-block scales of a super-block out of their lanes, and the one of largest magnitude
+   (the first on ties, as llama.cpp's strict scan), with that magnitude. */
+INLINE float scales_absmax(const v8f sc[G], float scales[16], float *amax) {
+    for (int g = 0; g < G; g++)
+        for (int l = 0; l < LANES; l++) scales[LANES * g + l] = sc[g][l];
+    float max_scale = scales[0];
+    *amax = fabsf(scales[0]);
+    for (int j = 1; j < 16; j++)
+        if (fabsf(scales[j]) > *amax) {
+            *amax = fabsf(scales[j]);
+            max_scale = scales[j];
+        }
+    return max_scale;
+}
+
 INLINE void q3_k_block(const float *x, uint8_t *y) {
     v8f X[16][G], Q[16][G], sc[G];
     load_lanes(x, 16, X);
     fit_q3(X, 16, 4, Q, sc);
     uint8_t L[QK_K];
     store_codes(Q, 16, L);
-    float scales[16];
-    for (int g = 0; g < G; g++)
-        for (int l = 0; l < LANES; l++) scales[LANES * g + l] = sc[g][l];
-    float max_scale = scales[0], amax = fabsf(scales[0]);
-    for (int j = 1; j < 16; j++)
-        if (fabsf(scales[j]) > amax) {
-            amax = fabsf(scales[j]);
-            max_scale = scales[j];
-        }
+    float scales[16], amax;
+    const float max_scale = scales_absmax(sc, scales, &amax);
     const int has = max_scale != 0.0f;
     const float iscale = -32.0f / (has ? max_scale : 1.0f);
     uint8_t l6[16], *packed = y + 96;
@@ -502,15 +510,8 @@ INLINE void q6_k_block(const float *x, uint8_t *y) {
     v8f X[16][G], Q[16][G], scv[G];
     load_lanes(x, 16, X);
     fit_qx(X, 16, 32, Q, scv);
-    float scales[16];
-    for (int g = 0; g < G; g++)
-        for (int l = 0; l < LANES; l++) scales[LANES * g + l] = scv[g][l];
-    float max_scale = scales[0], max_abs = fabsf(scales[0]);
-    for (int j = 1; j < 16; j++)
-        if (fabsf(scales[j]) > max_abs) {
-            max_abs = fabsf(scales[j]);
-            max_scale = scales[j];
-        }
+    float scales[16], max_abs;
+    const float max_scale = scales_absmax(scv, scales, &max_abs);
     if (max_abs < GROUP_MAX_EPS) { /* written as zeros */
         memset(y, 0, 210);
         return;
