@@ -116,15 +116,18 @@ def _head_dim(config: dict) -> int:
     )
 
 
-def _model_shape(config: dict, gguf_arch: str, tied: bool) -> ModelShape:
+def _head_counts(config: dict) -> tuple[int, int]:
+    """(query heads, key/value heads); a config without the latter has no grouped attention."""
     n_head = int(config["num_attention_heads"])
+    return n_head, int(config.get("num_key_value_heads") or n_head)
+
+
+def _model_shape(config: dict, gguf_arch: str, tied: bool) -> ModelShape:
+    n_head, n_kv = _head_counts(config)
     return ModelShape(
-        n_layer=int(config["num_hidden_layers"]),
-        n_head=n_head,
-        n_head_kv=int(config.get("num_key_value_heads") or n_head),
-        arch=gguf_arch,
-        tied=tied,
-    )
+        n_layer=int(config["num_hidden_layers"]), n_head=n_head, n_head_kv=n_kv,
+        arch=gguf_arch, tied=tied,
+    )  # fmt: skip
 
 
 def _rope_freqs(config: dict, head_dim: int) -> np.ndarray | None:
@@ -154,14 +157,14 @@ def _rope_freqs(config: dict, head_dim: int) -> np.ndarray | None:
 
 def _add_hyperparameters(writer: gguf.GGUFWriter, config: dict, gguf_arch: str) -> None:
     c = config
-    n_head = int(c["num_attention_heads"])
+    n_head, n_kv = _head_counts(c)
     head_dim = _head_dim(c)
     writer.add_context_length(int(c.get("max_position_embeddings", 2048)))
     writer.add_embedding_length(int(c["hidden_size"]))
     writer.add_block_count(int(c["num_hidden_layers"]))
     writer.add_feed_forward_length(int(c["intermediate_size"]))
     writer.add_head_count(n_head)
-    writer.add_head_count_kv(int(c.get("num_key_value_heads") or n_head))
+    writer.add_head_count_kv(n_kv)
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     if gguf_arch == "llama":
@@ -352,8 +355,7 @@ def write_gguf(
     plans, warnings = plan_tensors(model, mix, pure)
     file_type = mix.file_type if mix is not None else _dominant_file_type(plans)
     pre = pre_tokenizer or model.gguf_metadata.get("tokenizer.ggml.pre")
-    n_head = int(config["num_attention_heads"])
-    n_kv = int(config.get("num_key_value_heads") or n_head)
+    n_head, n_kv = _head_counts(config)
     with atomic_file(Path(path), force=force) as temp:
         writer = gguf.GGUFWriter(str(temp), gguf_arch)
         try:
