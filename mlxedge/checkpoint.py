@@ -1,4 +1,4 @@
-"""Streaming safetensors shards in and out, the shard index, and atomic output paths.
+"""Streaming safetensors shards in and out, and the shard index.
 
 Why a reader and writer of our own rather than the `safetensors` package: its numpy loader cannot
 return bfloat16 (numpy has no bfloat16 dtype), and its writer wants every tensor in memory at once.
@@ -10,17 +10,13 @@ with `ml_dtypes.bfloat16` standing in for bfloat16 in numpy. Tests check the out
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import math
 import mmap
 import os
-import shutil
 import struct
-import tempfile
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
 from typing import NoReturn
@@ -566,110 +562,3 @@ def write_checkpoint(
     }
     (folder / INDEX_NAME).write_text(json.dumps(index, indent=4), encoding="utf-8")
     return index
-
-
-def _umask() -> int:
-    # The only way to read the umask is to set it; set it straight back.
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
-@contextmanager
-def _atomic(target: Path, force: bool, is_dir: bool) -> Iterator[Path]:
-    target = Path(target)
-    if os.path.lexists(target) and not force:
-        raise MlxedgeError(
-            "already exists", path=target, fix="pass --force to replace it, or choose another name"
-        )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f".{target.name}.partial-"
-    if is_dir:
-        temp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
-        mode = 0o777
-    else:
-        fd, name = tempfile.mkstemp(prefix=prefix, dir=target.parent)
-        os.close(fd)
-        temp, mode = Path(name), 0o666
-    try:
-        # mkdtemp/mkstemp create owner-only entries; the artifact should get the usual permissions.
-        os.chmod(temp, mode & ~_umask())
-        yield temp
-        _move_into_place(temp, target, force)
-    except BaseException as exc:
-        _remove(temp)
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-            raise MlxedgeError(
-                "no space left on device while writing; nothing was kept",
-                path=target,
-                fix="free some disk space or write the output elsewhere",
-            ) from exc
-        raise
-    logger.debug("wrote %s", target)
-
-
-def _move_into_place(temp: Path, target: Path, force: bool) -> None:
-    if not os.path.lexists(target):
-        os.rename(temp, target)
-        return
-    if not force:  # appeared while we were writing
-        raise MlxedgeError("appeared while writing; it was left untouched", path=target)
-    if temp.is_file() and target.is_file() and not target.is_symlink():
-        os.replace(temp, target)  # atomic on POSIX
-        return
-    # A folder cannot be swapped in one step: move the old one aside, then delete it.
-    aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-    old = aside / "old"
-    os.rename(target, old)
-    try:
-        os.rename(temp, target)
-    except BaseException:
-        os.rename(old, target)
-        raise
-    finally:
-        shutil.rmtree(aside, ignore_errors=True)
-
-
-@contextmanager
-def atomic_output(target: Path, force: bool = False) -> Iterator[Path]:
-    """Build an output folder in a hidden sibling and rename it onto `target` only on success.
-
-    Args:
-        target: the folder to produce.
-        force: replace `target` if it exists instead of refusing.
-
-    Yields:
-        An empty temporary folder next to `target` (`.<name>.partial-XXXX`) to write into.
-
-    Raises:
-        MlxedgeError: `target` exists and `force` is false (checked before any work starts), or the
-            disk filled up. On any exception, including KeyboardInterrupt, the temporary folder is
-            removed and the exception re-raised.
-    """
-    with _atomic(target, force, is_dir=True) as temp:
-        yield temp
-
-
-@contextmanager
-def atomic_file(target: Path, force: bool = False) -> Iterator[Path]:
-    """Like `atomic_output`, for a single file (a GGUF, say).
-
-    Args:
-        target: the file to produce.
-        force: replace `target` if it exists instead of refusing.
-
-    Yields:
-        The path of an empty temporary file next to `target` to write into.
-
-    Raises:
-        MlxedgeError: `target` exists and `force` is false, or the disk filled up.
-    """
-    with _atomic(target, force, is_dir=False) as temp:
-        yield temp

@@ -14,6 +14,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from . import __version__
+from .atomic import check_output
 from .errors import MlxedgeError
 from .quant.defaults import DEFAULT_METHOD, DEFAULT_RECIPE, METHODS, RECIPES
 from .runtime import BACKENDS
@@ -210,7 +211,7 @@ def quantize(
         raise MlxedgeError("--type, --pre-tokenizer and --ollama need --format gguf")
     from .pipeline import default_output_name, quantize_to_mlx
     from .quant.recipes import Override, QuantOptions
-    from .source import resolve
+    from .source import local_path, resolve
 
     opts = QuantOptions(
         bits=bits,
@@ -220,6 +221,8 @@ def quantize(
         embed_group_size=embed_group_size,
         overrides=tuple(Override.parse(o) for o in override),
     )
+    if output is not None:  # before any download or work
+        check_output(output, force, protect=[local_path(model)])
     source = resolve(model, revision=revision)
     output = output or Path(default_output_name(source, opts, method))
     command = _card_command(
@@ -324,20 +327,17 @@ def _export_gguf(model, output, type_name, pure, pre_tokenizer, ollama, revision
 
         pre_tokenizer = check_pre_tokenizer(pre_tokenizer)
     from .formats.ollama import modelfile_path
+    from .source import local_path
 
-    def refuse_existing(path: Path) -> None:
-        if path.exists() and not force:
-            raise MlxedgeError(
-                "already exists",
-                path=path,
-                fix="pass --force to replace it, or choose another name",
-            )
+    def check_outputs(path: Path, protect=()) -> None:
+        check_output(path, force, protect)
+        if ollama:
+            check_output(modelfile_path(path), force, protect)
 
     if output is not None:  # before any download or conversion
-        refuse_existing(Path(output))
-        if ollama:
-            refuse_existing(modelfile_path(Path(output)))
+        check_outputs(Path(output), [local_path(model)])
     runnable = open_model(model, revision)
+    sources = (runnable.folder, runnable.gguf)
     if runnable.kind != "mlx" and type_name is None:
         type_name = "Q4_K_M"
     if runnable.kind == "mlx" and type_name is None and pure:
@@ -345,9 +345,7 @@ def _export_gguf(model, output, type_name, pure, pre_tokenizer, ollama, revision
     if output is None:  # <model>-<TYPE>.gguf, or <folder>.gguf for an MLX folder's own precision
         output = f"{runnable.name}-{type_name}.gguf" if type_name else f"{runnable.name}.gguf"
     output = Path(output)
-    refuse_existing(output)
-    if ollama:
-        refuse_existing(modelfile_path(output))
+    check_outputs(output, sources)
     with _progress() as progress:
         state = {}
 
@@ -375,7 +373,7 @@ def _export_gguf(model, output, type_name, pure, pre_tokenizer, ollama, revision
         from .formats.ollama import write_modelfile
 
         modelfile, warnings = write_modelfile(
-            output, runnable.tokenizer_config, report.adds_bos, force=force
+            output, runnable.tokenizer_config, report.adds_bos, force=force, protect=sources
         )
         for w in warnings:
             console.print(f"[yellow]warning:[/] {w}", soft_wrap=True)
@@ -456,6 +454,7 @@ def import_(gguf_file, output, dtype, force):
     from .formats.hf import write_hf_folder
     from .source import resolve
 
+    check_output(output, force, protect=[gguf_file])
     source = resolve(str(gguf_file))
     infos = source.weights.infos()
     with _progress() as progress:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -61,6 +62,7 @@ class SourceModel:
         base_model: the upstream model id when the source states it, else None.
         gguf_metadata: a GGUF source's scalar metadata ("general.file_type",
             "tokenizer.ggml.pre", ...); empty for other sources.
+        path: the folder or file the model is read from (outputs must never touch it).
     """
 
     name: str
@@ -71,6 +73,7 @@ class SourceModel:
     license: str | None = None
     base_model: str | None = None
     gguf_metadata: dict = field(default_factory=dict)
+    path: Path | None = None
 
     def parameter_count(self) -> int:
         """Number of scalar parameters in the source tensors."""

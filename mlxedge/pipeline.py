@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from .archs import Role, arch_for
-from .checkpoint import atomic_output, write_checkpoint
+from .atomic import atomic_output
+from .checkpoint import write_checkpoint
 from .errors import MlxedgeError, non_finite
 from .formats import mlx as mlx_format
 from .model import BLOCK_WEIGHTS, SourceModel, TensorInfo
@@ -286,7 +287,7 @@ def quantize_to_mlx(
         source.name,
         backend.active_backend(method),
     )
-    with atomic_output(output, force=force) as tmp:
+    with atomic_output(output, force=force, protect=[source.path]) as tmp:
         # Small files first: a failure in the long tensor loop then costs nothing extra.
         quant_block = mlx_format.quantization_block(kept, default)
         (tmp / "config.json").write_bytes(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -83,6 +84,20 @@ def resolve(model: str, revision: str | None = None) -> SourceModel:
         path=model,
         fix=f"pass a model folder, a .gguf file, a Hub id, or '{DEFAULT_MODEL}'",
     )
+
+
+def local_path(model: str) -> Path | None:
+    """The file or folder MODEL names on this machine, without reading or downloading anything:
+    for checks that must run before any work (a Hub id gives None; `resolve` knows its folder)."""
+    if model == DEFAULT_MODEL:
+        from .default_model import default_model_path
+
+        try:
+            return default_model_path()
+        except MlxedgeError:
+            return None  # `resolve` will say what is missing
+    path = Path(model).expanduser()
+    return path if os.path.lexists(path) else None
 
 
 def _from_gguf(path: Path) -> SourceModel:
@@ -211,12 +226,12 @@ def from_folder(folder: Path, origin: str, hub_id: str | None = None) -> SourceM
         )
     side = {}
     for name in SIDE_FILES:
-        f = folder / name
-        if f.is_file():
+        f = side_file(folder, name)
+        if f is not None:
             side[name] = f.read_bytes()
     name = hub_id.split("/")[-1] if hub_id else folder.absolute().name  # `.`: the folder's name
-    readme = folder / "README.md"
-    license_id = _card_field(readme, "license") if readme.is_file() else None
+    readme = side_file(folder, "README.md")
+    license_id = _card_field(readme, "license") if readme is not None else None
     return SourceModel(
         name=name,
         origin=origin,
@@ -225,7 +240,42 @@ def from_folder(folder: Path, origin: str, hub_id: str | None = None) -> SourceM
         side_files=side,
         license=license_id,
         base_model=hub_id,
+        path=folder,
     )
+
+
+def side_file(folder: Path, name: str) -> Path | None:
+    """`folder/name` if it is a regular file of the folder's own, else None.
+
+    A file that is a symbolic link leading outside the folder is skipped with a warning naming
+    it: a cloned repository could otherwise plant a link to a private file (an SSH key, say)
+    whose contents would travel inside every artifact. Links into the same Hugging Face cache
+    repository's `blobs/` folder are how every file of a Hub snapshot is stored, so those count
+    as the folder's own.
+
+    Args:
+        folder: the model folder.
+        name: a file name in it (tokenizer.json, README.md, ...).
+
+    Returns:
+        The path to read, or None when the file is absent, not a regular file, or skipped.
+    """
+    path = folder / name
+    if not path.is_file():  # follows links; a dangling one is absent
+        return None
+    real, home = path.resolve(), folder.resolve()
+    if real.parent == home or home in real.parents:
+        return path
+    snapshots = home.parent
+    if snapshots.name == "snapshots" and real.parent == snapshots.parent / "blobs":
+        return path
+    log.warning(
+        "%s: skipped: a symbolic link to %s, outside the model folder (replace the link with "
+        "the file itself to include it)",
+        path,
+        real,
+    )
+    return None
 
 
 def _card_field(readme: Path, key: str) -> str | None:

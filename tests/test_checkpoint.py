@@ -1,11 +1,9 @@
-"""Streaming safetensors reader/writer, shard index and atomic outputs, checked against
-`safetensors` and `mx.load` as independent readers."""
+"""Streaming safetensors reader/writer and shard index, checked against `safetensors` and
+`mx.load` as independent readers."""
 
 from __future__ import annotations
 
-import errno
 import json
-import os
 import struct
 import weakref
 from pathlib import Path
@@ -24,8 +22,6 @@ from mlxedge.checkpoint import (
     HFCheckpoint,
     SafetensorsFile,
     SafetensorsWriter,
-    atomic_file,
-    atomic_output,
     dtype_code,
     plan_shards,
     write_checkpoint,
@@ -395,71 +391,3 @@ def test_truncated_real_file(tmp_path):
     with pytest.raises(MlxedgeError, match="truncated or corrupt") as err:
         SafetensorsFile(path)
     assert "cut.safetensors" in str(err.value)
-
-
-def siblings(path: Path) -> list[str]:
-    return sorted(p.name for p in path.parent.iterdir())
-
-
-def test_atomic_output_success_refusal_and_force(tmp_path):
-    target = tmp_path / "out"
-    with atomic_output(target) as temp:
-        assert temp.parent == tmp_path and temp.name.startswith(".out.partial-") and temp.is_dir()
-        (temp / "a.txt").write_text("one")
-    assert siblings(target) == ["out"] and (target / "a.txt").read_text() == "one"
-    umask = os.umask(0)
-    os.umask(umask)
-    assert target.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's owner-only 0o700
-
-    with pytest.raises(MlxedgeError, match="--force") as err:
-        with atomic_output(target):
-            raise AssertionError("must refuse before any work starts")
-    assert str(target) in str(err.value)
-
-    with atomic_output(target, force=True) as temp:
-        (temp / "b.txt").write_text("two")
-    assert siblings(target) == ["out"] and sorted(p.name for p in target.iterdir()) == ["b.txt"]
-
-
-@pytest.mark.parametrize("exc", [RuntimeError("boom"), KeyboardInterrupt()])
-def test_atomic_output_leaves_nothing_on_failure(tmp_path, exc):
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "keep").write_text("old")
-    with pytest.raises(type(exc)):
-        with atomic_output(tmp_path / "out", force=True) as temp:
-            write_checkpoint(temp, [TensorInfo("x", (2,), "float32")], [np.zeros(2, np.float32)])
-            raise exc
-    assert siblings(tmp_path / "out") == ["out"]
-    assert (tmp_path / "out" / "keep").read_text() == "old"  # the old output survives
-
-    with pytest.raises(type(exc)):
-        with atomic_file(tmp_path / "m.gguf") as temp:
-            temp.write_bytes(b"GGUF")
-            raise exc
-    assert siblings(tmp_path / "out") == ["out"]
-
-
-def test_atomic_output_reports_full_disk(tmp_path):
-    with pytest.raises(MlxedgeError, match="no space left on device") as err:
-        with atomic_output(tmp_path / "out"):
-            raise OSError(errno.ENOSPC, "No space left on device")
-    assert str(tmp_path / "out") in str(err.value)
-    assert isinstance(err.value.__cause__, OSError)
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_atomic_file(tmp_path):
-    target = tmp_path / "m.gguf"
-    with atomic_file(target) as temp:
-        assert temp.is_file() and temp.name.startswith(".m.gguf.partial-")
-        temp.write_bytes(b"one")
-    assert target.read_bytes() == b"one" and siblings(target) == ["m.gguf"]
-    umask = os.umask(0)
-    os.umask(umask)
-    assert target.stat().st_mode & 0o777 == 0o666 & ~umask
-    with pytest.raises(MlxedgeError, match="already exists"):
-        with atomic_file(target):
-            pass
-    with atomic_file(target, force=True) as temp:
-        temp.write_bytes(b"two")
-    assert target.read_bytes() == b"two" and siblings(target) == ["m.gguf"]

@@ -151,11 +151,16 @@ def test_rope_scaling_gguf_cannot_express_is_refused(tmp_path):
 
 def test_existing_output_needs_force(tiny, tmp_path):
     out = tmp_path / "m.gguf"
-    out.write_bytes(b"mine")
     args = ["export", "gguf", tiny, "-o", out, "--type", "Q8_0"]
-    result = run(*args)
-    assert result.exit_code == 2 and "--force" in result.output and out.read_bytes() == b"mine"
-    assert run(*args, "--force").exit_code == 0 and out.read_bytes()[:4] == b"GGUF"
+    assert run(*args).exit_code == 0
+    first = out.read_bytes()
+    result = run(*args[:-1], "Q4_0")
+    assert result.exit_code == 2 and "--force" in result.output and out.read_bytes() == first
+    assert run(*args[:-1], "Q4_0", "--force").exit_code == 0 and out.read_bytes() != first
+    out.write_bytes(b"mine")  # not ours: even --force leaves it
+    result = run(*args, "--force")
+    assert result.exit_code == 2 and "not written by mlxedge" in result.output
+    assert out.read_bytes() == b"mine"
 
 
 def test_pre_tokenizer_is_detected_and_can_be_overridden(tiny, tmp_path):
@@ -212,11 +217,11 @@ def test_existing_modelfile_fails_before_any_work(tiny, tmp_path):
     result = run("export", "gguf", tiny, "-o", out, "--type", "Q8_0", "--ollama")
     assert result.exit_code == 2 and "m.Modelfile" in result.output and "--force" in result.output
     assert not out.exists()
-    assert (
-        run("export", "gguf", tiny, "-o", out, "--type", "Q8_0", "--ollama", "--force").exit_code
-        == 0
-    )
-    assert (tmp_path / "m.Modelfile").read_text().startswith("FROM ./m.gguf")
+    (tmp_path / "m.Modelfile").unlink()
+    args = ("export", "gguf", tiny, "-o", out, "--type", "Q8_0", "--ollama")
+    assert run(*args).exit_code == 0
+    assert (tmp_path / "m.Modelfile").read_text().startswith("# written by mlxedge\nFROM ./m.gguf")
+    assert run(*args, "--force").exit_code == 0  # an earlier Modelfile of ours is replaced
 
 
 def test_corrupt_tokenizer_json_is_named(tmp_path):

@@ -257,13 +257,19 @@ def test_already_quantized_source_is_refused(tmp_path):
 def test_existing_output_needs_force(tmp_path):
     src = make_tiny_model(tmp_path / "m", "llama", dtype="float32")
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    assert run("quantize", src, "-o", out, "--bits", "8").exit_code == 0
+    (out / "extra.txt").write_text("added later")
     result = run("quantize", src, "-o", out)
     assert result.exit_code == 2 and "--force" in result.output
-    assert (out / "keep.txt").read_text() == "mine"
-    assert run("quantize", src, "-o", out, "--force").exit_code == 0
-    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+    assert (out / "extra.txt").read_text() == "added later"
+    assert run("quantize", src, "-o", out, "--force").exit_code == 0  # ours: replaced
+    assert not (out / "extra.txt").exists() and (out / "config.json").exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("mine")
+    result = run("quantize", src, "-o", mine, "--force")
+    assert result.exit_code == 2 and "not written by mlxedge" in result.output
+    assert (mine / "keep.txt").read_text() == "mine"
 
 
 def test_full_disk_leaves_nothing(tmp_path, monkeypatch):

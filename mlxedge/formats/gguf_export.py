@@ -25,7 +25,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as QType
 
 from ..archs import Role, arch_for
-from ..checkpoint import atomic_file
+from ..atomic import atomic_file, mark_gguf
 from ..errors import MlxedgeError, non_finite
 from ..model import BLOCK_WEIGHTS
 from .ggml_blocks import TYPES, quantize_rows
@@ -356,9 +356,10 @@ def write_gguf(
     file_type = mix.file_type if mix is not None else _dominant_file_type(plans)
     pre = pre_tokenizer or model.gguf_metadata.get("tokenizer.ggml.pre")
     n_head, n_kv = _head_counts(config)
-    with atomic_file(Path(path), force=force) as temp:
+    with atomic_file(Path(path), force=force, protect=[model.folder, model.gguf]) as temp:
         writer = gguf.GGUFWriter(str(temp), gguf_arch)
         try:
+            mark_gguf(writer)
             writer.add_type("model")
             writer.add_name(model.name)
             _add_hyperparameters(writer, config, gguf_arch)

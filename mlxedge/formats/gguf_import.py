@@ -180,6 +180,7 @@ def load_gguf(path: Path) -> SourceModel:
         license=metadata.get("general.license"),
         base_model=_base_model(metadata),
         gguf_metadata={k: v for k, v in metadata.items() if not isinstance(v, list)},
+        path=path,
     )
 
 

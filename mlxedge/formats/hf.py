@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from ..archs import Role, arch_for
-from ..checkpoint import atomic_output, write_checkpoint
+from ..atomic import atomic_output
+from ..checkpoint import write_checkpoint
 from ..model import SourceModel, TensorInfo
 from ..quant.schemes import storage_dtype
 
@@ -53,7 +54,7 @@ def write_hf_folder(
 
     config = dict(arch.output_config())
     config["torch_dtype"] = dtype
-    with atomic_output(output, force=force) as tmp:
+    with atomic_output(output, force=force, protect=[source.path]) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for name, data in sorted(source.side_files.items()):
             (tmp / name).write_bytes(data)

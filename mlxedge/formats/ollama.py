@@ -11,11 +11,11 @@ markup, an unknown format) gets none, with a warning, and Ollama falls back to i
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..checkpoint import atomic_file
+from ..atomic import TEXT_MARK, atomic_file
 
 Conversation = list[dict[str, str]]
 
@@ -194,12 +194,20 @@ def modelfile_path(gguf_path: Path) -> Path:
 
 
 def write_modelfile(
-    gguf_path: Path, tok_config: dict, adds_bos: bool, force: bool = False
+    gguf_path: Path,
+    tok_config: dict,
+    adds_bos: bool,
+    force: bool = False,
+    protect: Iterable[Path | None] = (),
 ) -> tuple[Path, list[str]]:
-    """Write `<gguf stem>.Modelfile` beside the GGUF; returns its path and the warnings."""
+    """Write `<gguf stem>.Modelfile` beside the GGUF; returns its path and the warnings.
+
+    `force` and `protect` are `atomic.atomic_file`'s; the file starts with mlxedge's mark (a
+    comment line, which Ollama ignores).
+    """
     gguf_path = Path(gguf_path)
     target = modelfile_path(gguf_path)
     text, warnings = modelfile_text(gguf_path.name, tok_config, adds_bos)
-    with atomic_file(target, force=force) as temp:
-        temp.write_text(text, encoding="utf-8")
+    with atomic_file(target, force=force, protect=[gguf_path, *protect]) as temp:
+        temp.write_text(TEXT_MARK + text, encoding="utf-8")
     return target, warnings

@@ -17,7 +17,7 @@ import numpy as np
 from ..checkpoint import HFCheckpoint
 from ..model import TensorInfo, TensorSource
 from ..quant.schemes import AffineScheme, QuantizedTensor, dequantize
-from ..source import read_json_object, resolve
+from ..source import read_json_object, resolve, side_file
 
 
 @dataclass
@@ -111,29 +111,27 @@ def open_model(spec: str, revision: str | None = None) -> RunnableModel:
     if path.is_dir() and "quantization" in config:
         quantization = config["quantization"]
         weights = DequantizedMLX(HFCheckpoint.from_folder(path), quantization)
-        tok = path / "tokenizer.json"
+        tok = side_file(path, "tokenizer.json")
+        tok_config = side_file(path, "tokenizer_config.json")
         return RunnableModel(
             name=path.absolute().name,  # `.` is named after the folder
             kind="mlx",
             config=config,
             weights=weights,
-            tokenizer_json=tok.read_bytes() if tok.is_file() else None,
-            tokenizer_config=read_json_object(path / "tokenizer_config.json", missing_ok=True),
+            tokenizer_json=tok.read_bytes() if tok is not None else None,
+            tokenizer_config=read_json_object(tok_config) if tok_config is not None else {},
             folder=path,
             bits=int(quantization.get("bits", 0)) or None,
         )
     from ..formats.gguf_mix import nominal_bits
 
     source = resolve(spec, revision)
-    kind = "gguf" if path.suffix.lower() == ".gguf" else ("hf" if path.is_dir() else "builtin")
+    # A Hub id resolves to its snapshot folder; `smollm2` to the GGUF file its package ships.
+    on_disk = source.path
+    is_folder = on_disk is not None and on_disk.is_dir()
+    kind = "gguf" if path.suffix.lower() == ".gguf" else ("hf" if is_folder else "builtin")
     tok_config = source.side_files.get("tokenizer_config.json")
-    gguf_file = None
-    if kind == "gguf":
-        gguf_file = path
-    elif kind == "builtin":
-        from ..default_model import default_model_path
-
-        gguf_file = default_model_path()
+    gguf_file = on_disk if on_disk is not None and not is_folder else None
     return RunnableModel(
         name=path.stem if kind == "gguf" else source.name,
         kind=kind,
@@ -141,7 +139,7 @@ def open_model(spec: str, revision: str | None = None) -> RunnableModel:
         weights=source.weights,
         tokenizer_json=source.side_files.get("tokenizer.json"),
         tokenizer_config=json.loads(tok_config) if tok_config else {},
-        folder=path if path.is_dir() else None,
+        folder=on_disk if is_folder else None,
         gguf=gguf_file,
         gguf_metadata=source.gguf_metadata,
         # The built-in model is presented as the original, not as the Q4_1 file it ships as.

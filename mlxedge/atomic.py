@@ -1,0 +1,330 @@
+"""Atomic outputs that never destroy what is not ours.
+
+Every artifact (an MLX or Hugging Face folder, a GGUF file, a Modelfile) is built in a hidden
+temporary sibling, `.<name>.partial-XXXX`, and renamed onto its path only when complete, so an
+interrupted run leaves no half-written artifact.
+
+What mlxedge writes carries a mark, written first so a partial output carries it too:
+- a folder holds the stamp file `.mlxedge`;
+- a GGUF file holds the metadata key `mlxedge.output`, second after `general.architecture`, so it
+  is read from the first few hundred bytes without parsing the rest of the metadata;
+- a text file (a Modelfile) starts with the comment line `# written by mlxedge`.
+The mark is constant (no time, no process id): reruns stay byte-identical.
+
+`--force` replaces only a regular file or folder that carries the mark. An output that is the
+source, lies inside it or contains it is refused whatever the flags, as is anything else that is
+not ours: a device, a FIFO, a symbolic link, an unmarked file or folder, the current directory.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import stat
+import struct
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import MlxedgeError
+
+logger = logging.getLogger(__name__)
+
+MARK_FILE = ".mlxedge"
+MARK_TEXT = "written by mlxedge: `mlxedge ... --force` may replace this folder\n"
+GGUF_MARK_KEY = "mlxedge.output"
+GGUF_MARK_VALUE = "mlxedge"
+TEXT_MARK = "# written by mlxedge\n"
+
+_GGUF_MAGIC = b"GGUF"
+_GGUF_STRING = 8
+# Sizes of GGUF's fixed-size scalar value types (uint8 .. float64, bool), by type id.
+_GGUF_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_GGUF_MARK_MAX_KVS = 4  # the mark is the second key; a few more keep the reader tolerant
+_GGUF_MAX_STRING = 1 << 12
+
+_FORCE_FIX = "delete it yourself if you mean to replace it, or choose another output name"
+
+
+def mark_folder(folder: Path) -> None:
+    """Put the mark of an mlxedge output into `folder` (before anything else is written)."""
+    (Path(folder) / MARK_FILE).write_text(MARK_TEXT, encoding="utf-8")
+
+
+def mark_gguf(writer) -> None:
+    """Add the mark of an mlxedge output to a fresh `gguf.GGUFWriter`, before any other key."""
+    writer.add_string(GGUF_MARK_KEY, GGUF_MARK_VALUE)
+
+
+def _gguf_has_mark(fh) -> bool:
+    """Whether an open GGUF file's first metadata keys include our mark (bounded reads only)."""
+    head = fh.read(24)
+    if len(head) < 24 or head[:4] != _GGUF_MAGIC:
+        return False
+    version, _, n_kv = struct.unpack("<IQQ", head[4:])
+    if version < 2:  # version 1 used 32-bit lengths; we never wrote it
+        return False
+
+    def string() -> str | None:
+        raw = fh.read(8)
+        if len(raw) < 8:
+            return None
+        (n,) = struct.unpack("<Q", raw)
+        if n > _GGUF_MAX_STRING:
+            return None
+        data = fh.read(n)
+        return data.decode("utf-8", "replace") if len(data) == n else None
+
+    for _ in range(min(n_kv, _GGUF_MARK_MAX_KVS)):
+        key = string()
+        raw = fh.read(4)
+        if key is None or len(raw) < 4:
+            return False
+        (vtype,) = struct.unpack("<I", raw)
+        if vtype == _GGUF_STRING:
+            value = string()
+            if value is None:
+                return False
+            if key == GGUF_MARK_KEY:
+                return value == GGUF_MARK_VALUE
+        elif vtype in _GGUF_SCALAR_SIZES:
+            fh.read(_GGUF_SCALAR_SIZES[vtype])
+        else:  # an array before the mark: not one of ours
+            return False
+    return False
+
+
+def is_ours(path: Path) -> bool:
+    """Whether `path` is a regular file or folder that mlxedge wrote (it carries the mark)."""
+    path = Path(path)
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    if stat.S_ISDIR(st.st_mode):
+        mark = path / MARK_FILE
+        try:
+            if not stat.S_ISREG(os.lstat(mark).st_mode):
+                return False
+            with open(mark, "rb") as fh:
+                return fh.read(len(MARK_TEXT) + 1) == MARK_TEXT.encode()
+        except OSError:
+            return False
+    if not stat.S_ISREG(st.st_mode):
+        return False
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(4) == _GGUF_MAGIC:
+                fh.seek(0)
+                return _gguf_has_mark(fh)
+            fh.seek(0)
+            return fh.read(len(TEXT_MARK)) == TEXT_MARK.encode()
+    except OSError:
+        return False
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _refuse_source(target: Path, protect: Iterable[Path | None]) -> None:
+    """Refuse a target that is, lies inside or contains one of the sources being read."""
+    real = target.resolve()  # follows a symlink at the target or above it
+    for source in protect:
+        if source is None:
+            continue
+        source = Path(source).absolute()
+        src = source.resolve()
+        if real == src or _same(target, source):
+            how = "is the model being read"
+        elif src in real.parents:
+            how = "lies inside the model being read"
+        elif real in src.parents:
+            how = "contains the model being read"
+        else:
+            continue
+        raise MlxedgeError(
+            f"the output {how} ({source}); writing it would destroy the source",
+            path=target,
+            fix="choose an output outside the model's folder (and not a folder holding it)",
+        )
+
+
+def check_output(
+    target: Path | str, force: bool = False, protect: Iterable[Path | None] = ()
+) -> Path:
+    """Check that `target` may be written, before any work starts; return it as an absolute path.
+
+    Args:
+        target: the output path the user asked for.
+        force: replace an existing output, if mlxedge wrote it.
+        protect: the model files or folders being read; the output must not touch them.
+
+    Returns:
+        `target` made absolute, with `.` and `..` removed (a symlink at the end is kept).
+
+    Raises:
+        MlxedgeError: the target is or holds a source, exists without `force`, or exists and is
+            not a regular file or folder carrying mlxedge's mark.
+    """
+    target = Path(os.path.abspath(Path(target).expanduser()))
+    if target.name == "":
+        raise MlxedgeError("cannot write to the root of the file system", path=target)
+    _refuse_source(target, protect)
+    try:
+        st = os.lstat(target)
+    except FileNotFoundError:
+        return target
+    if not force:
+        raise MlxedgeError(
+            "already exists", path=target, fix="pass --force to replace it, or choose another name"
+        )
+    if stat.S_ISLNK(st.st_mode):
+        raise MlxedgeError(
+            "is a symbolic link; --force replaces only files and folders mlxedge wrote",
+            path=target,
+            fix=_FORCE_FIX,
+        )
+    if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
+        raise MlxedgeError(
+            "is not a regular file or folder (a device, FIFO or socket); it was left untouched",
+            path=target,
+            fix="choose another output name",
+        )
+    cwd = Path.cwd().resolve()
+    if stat.S_ISDIR(st.st_mode) and (target.resolve() == cwd or target.resolve() in cwd.parents):
+        raise MlxedgeError(
+            "is (or holds) the current directory; --force will not replace it",
+            path=target,
+            fix="choose another output name, or run from another directory",
+        )
+    if not is_ours(target):
+        what = f"it has no {MARK_FILE} file" if stat.S_ISDIR(st.st_mode) else "it carries no mark"
+        raise MlxedgeError(
+            f"was not written by mlxedge ({what}); --force replaces only mlxedge's own outputs",
+            path=target,
+            fix=_FORCE_FIX,
+        )
+    return target
+
+
+def _umask() -> int:
+    # The only way to read the umask is to set it; set it straight back.
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextmanager
+def _atomic(target: Path, force: bool, is_dir: bool, protect: Iterable[Path | None]):
+    protect = tuple(protect)
+    target = check_output(target, force, protect)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{target.name}.partial-"
+    if is_dir:
+        temp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
+        mode = 0o777
+    else:
+        fd, name = tempfile.mkstemp(prefix=prefix, dir=target.parent)
+        os.close(fd)
+        temp, mode = Path(name), 0o666
+    try:
+        # mkdtemp/mkstemp create owner-only entries; the artifact should get the usual permissions.
+        os.chmod(temp, mode & ~_umask())
+        if is_dir:
+            mark_folder(temp)
+        yield temp
+        if not is_ours(temp):  # every writer marks what it writes; a bug here must not ship
+            raise RuntimeError(f"{temp}: the writer did not mark its output")
+        _move_into_place(temp, target, force, protect)
+    except BaseException as exc:
+        _remove(temp)
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            raise MlxedgeError(
+                "no space left on device while writing; nothing was kept",
+                path=target,
+                fix="free some disk space or write the output elsewhere",
+            ) from exc
+        raise
+    logger.debug("wrote %s", target)
+
+
+def _move_into_place(temp: Path, target: Path, force: bool, protect: tuple) -> None:
+    if not os.path.lexists(target):
+        os.rename(temp, target)
+        return
+    if not force:  # appeared while we were writing
+        raise MlxedgeError("appeared while writing; it was left untouched", path=target)
+    check_output(target, force, protect)  # what appeared meanwhile must be ours too
+    if temp.is_file() and target.is_file() and not target.is_symlink():
+        os.replace(temp, target)  # atomic on POSIX
+        return
+    # A folder cannot be swapped in one step: move the old one aside, then delete it.
+    aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    old = aside / "old"
+    os.rename(target, old)
+    try:
+        os.rename(temp, target)
+    except BaseException:
+        os.rename(old, target)
+        raise
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+@contextmanager
+def atomic_output(
+    target: Path, force: bool = False, protect: Iterable[Path | None] = ()
+) -> Iterator[Path]:
+    """Build an output folder in a hidden sibling and rename it onto `target` only on success.
+
+    Args:
+        target: the folder to produce.
+        force: replace `target` if it exists and mlxedge wrote it.
+        protect: the model files or folders being read (see `check_output`).
+
+    Yields:
+        A temporary folder next to `target` (`.<name>.partial-XXXX`) holding only the mark.
+
+    Raises:
+        MlxedgeError: what `check_output` raises (checked before any work starts), or the disk
+            filled up. On any exception, including KeyboardInterrupt, the temporary folder is
+            removed and the exception re-raised.
+    """
+    with _atomic(target, force, True, protect) as temp:
+        yield temp
+
+
+@contextmanager
+def atomic_file(
+    target: Path, force: bool = False, protect: Iterable[Path | None] = ()
+) -> Iterator[Path]:
+    """Like `atomic_output`, for a single file (a GGUF, say); the writer must mark it
+    (`mark_gguf`, or `TEXT_MARK` as a text file's first line).
+
+    Args:
+        target: the file to produce.
+        force: replace `target` if it exists and mlxedge wrote it.
+        protect: the model files or folders being read (see `check_output`).
+
+    Yields:
+        The path of an empty temporary file next to `target` to write into.
+
+    Raises:
+        MlxedgeError: what `check_output` raises, or the disk filled up.
+    """
+    with _atomic(target, force, False, protect) as temp:
+        yield temp
