@@ -18,7 +18,8 @@ bit of element e is bit e of the little-endian 32-bit word `qh`.
 `quantize_rows` runs the native kernel (`_ggml_quants.c`, built at install time where a C compiler
 exists) when it is available: the same bytes as the numpy functions here, which stay the
 specification (tests/test_native_ggml.py holds the two together), about ten times faster, over row
-chunks on two threads. MLXEDGE_NATIVE=0 switches it off, as it does for the quantization backend.
+chunks on `threads.thread_count()` threads. MLXEDGE_NATIVE=0 switches it off, as it does for the
+quantization backend.
 """
 
 from __future__ import annotations
@@ -31,13 +32,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..threads import thread_count
+
 try:  # optional: the install builds it where a C compiler exists
     from . import _ggml_quants
 except ImportError:  # pragma: no cover - exercised only where the extension did not build
     _ggml_quants = None
 
 NATIVE_ENV = "MLXEDGE_NATIVE"  # the same switch as mlxedge.quant.backend
-NATIVE_THREADS = 2
 _NATIVE_MIN_SPLIT = 1 << 18  # weights: below this one call is faster than a thread hand-off
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
@@ -598,7 +600,7 @@ def native_available() -> bool:
 
 
 def _native_rows(x: np.ndarray, t: BlockType) -> np.ndarray:
-    """The native kernel over row chunks on NATIVE_THREADS threads (it releases the GIL). Every
+    """The native kernel over row chunks on `thread_count()` threads (it releases the GIL). Every
     block is quantized on its own, so the chunking never changes a byte."""
     global _pool
     x = np.ascontiguousarray(x, dtype=np.float32)
@@ -612,11 +614,15 @@ def _native_rows(x: np.ndarray, t: BlockType) -> np.ndarray:
     if rows < 2 or x.size < _NATIVE_MIN_SPLIT:
         run((0, rows))
         return out
-    n_chunks = min(rows, 4 * NATIVE_THREADS)  # a few per thread, so an uneven load evens out
+    threads = thread_count()
+    if threads == 1:
+        run((0, rows))
+        return out
+    n_chunks = min(rows, 4 * threads)  # a few per thread, so an uneven load evens out
     bounds = np.linspace(0, rows, n_chunks + 1).astype(int)
     with _pool_lock:  # created once, even when two threads quantize at the same time
         if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=NATIVE_THREADS, thread_name_prefix="ggml-quant")
+            _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ggml-quant")
     list(_pool.map(run, zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True)))
     return out
 

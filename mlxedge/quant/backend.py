@@ -16,6 +16,7 @@ import ml_dtypes
 import numpy as np
 
 from ..errors import MlxedgeError
+from ..threads import thread_count
 from . import schemes
 from .defaults import METHODS
 from .schemes import AffineScheme, QuantizedTensor
@@ -94,7 +95,7 @@ def native_available() -> bool:
 def active_backend(method: str = "rtn") -> str:
     """Name of the implementation `quantize` uses for `method` on this machine."""
     if native_available():
-        return f"native ({os.cpu_count() or 1} threads)"
+        return f"native ({thread_count()} threads)"
     if mx is not None and method == "rtn":
         return f"mlx ({mx.default_device()})"
     return "numpy"
@@ -142,7 +143,7 @@ def _native_quantize(w: np.ndarray, scheme: AffineScheme, dtype: str, method: st
         bad = [run(0)]
     else:
         if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
+            _pool = ThreadPoolExecutor(max_workers=thread_count())
         bad = list(_pool.map(run, starts))
     first_bad = min((b for b in bad if b >= 0), default=-1)
     if first_bad >= 0:

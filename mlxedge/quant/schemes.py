@@ -13,7 +13,6 @@ Layout (what `mx.quantize` writes and `mx.dequantize` / `nn.QuantizedLinear` rea
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -21,6 +20,7 @@ import ml_dtypes
 import numpy as np
 
 from ..errors import MlxedgeError
+from ..threads import thread_count
 from .defaults import METHODS
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
@@ -343,7 +343,7 @@ def quantize(
     else:
         # numpy releases the GIL inside its loops, so chunks searched on threads use every core.
         chunks = [groups[i : i + _CHUNK_GROUPS] for i in range(0, len(groups), _CHUNK_GROUPS)]
-        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        with ThreadPoolExecutor(max_workers=thread_count()) as pool:
             search = _SEARCHES[method]
             parts = list(pool.map(lambda c: search(c, scheme, out_dtype), chunks))
         q = np.concatenate([p[0] for p in parts])

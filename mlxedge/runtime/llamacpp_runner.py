@@ -8,11 +8,11 @@ weights, and to float16/bfloat16 for half-precision weights.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
+from ..threads import thread_count
 from . import BackendUnavailable, Tolerance
 
 # Stated before measuring. A float32 file: the bound on the largest logit difference.
@@ -58,7 +58,7 @@ class LlamaCppBackend:
                 n_ctx=self._n_ctx,
                 n_batch=self._n_ctx,
                 n_ubatch=self._n_ctx,
-                n_threads=os.cpu_count() or 1,
+                n_threads=thread_count(),
                 logits_all=True,
                 type_k=lc.GGML_TYPE_F32,
                 type_v=lc.GGML_TYPE_F32,
