@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,40 +105,34 @@ def _describe_folder(path: Path) -> Description:
 def _describe_gguf(path: Path) -> Description:
     import gguf
 
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as e:  # gguf-py raises bare ValueErrors/IndexErrors on damaged files
-        raise MlxedgeError(
-            f"not a readable GGUF file ({e})", path=path, fix="download or export it again"
-        ) from None
-    arch = reader.fields["general.architecture"].contents()
-    types = Counter(t.tensor_type.name for t in reader.tensors)
+    from .formats.gguf_reader import open_gguf
+
+    file = open_gguf(path)
+    meta = file.metadata
+    arch = meta.get("general.architecture", "unknown")
+    types = Counter(t.type.name for t in file.tensors.values())
     facts = {}
     for key in ("block_count", "embedding_length", "context_length"):
-        f = reader.fields.get(f"{arch}.{key}")
-        if f is not None:
-            facts[key] = str(f.contents())
-    file_type = reader.fields.get(gguf.Keys.General.FILE_TYPE)
-    if file_type is not None:
+        if f"{arch}.{key}" in meta:
+            facts[key] = str(meta[f"{arch}.{key}"])
+    if (number := meta.get(gguf.Keys.General.FILE_TYPE)) is not None:
         from .formats.gguf_mix import MIXES
 
-        number = int(file_type.contents())
         name = next((m.name for m in MIXES.values() if m.file_type == number), "other")
         facts["file_type"] = f"{name} ({number})"
     for label, key in (
         ("tokenizer", gguf.Keys.Tokenizer.MODEL),
         ("pre_tokenizer", gguf.Keys.Tokenizer.PRE),
     ):
-        f = reader.fields.get(key)
-        if f is not None:
-            facts[label] = str(f.contents())
+        if key in meta:
+            facts[label] = str(meta[key])
     return Description(
         path=path,
         kind="GGUF file",
         architecture=str(arch),
-        tensors=len(reader.tensors),
+        tensors=len(file.tensors),
         types=types,
-        size=sum(int(t.n_bytes) for t in reader.tensors),
-        params=sum(int(t.n_elements) for t in reader.tensors),
+        size=sum(t.n_bytes for t in file.tensors.values()),
+        params=sum(math.prod(t.shape) for t in file.tensors.values()),
         facts=facts,
     )

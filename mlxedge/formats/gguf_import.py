@@ -26,20 +26,11 @@ from gguf.quants import dequantize
 
 from mlxedge.errors import MlxedgeError
 from mlxedge.formats.gguf_names import hf_tensor_name, unpermute_qk
+from mlxedge.formats.gguf_reader import GGUFFile, GGUFTensor, open_gguf
 from mlxedge.formats.gguf_tokenizer import TokenizerKeys, tokenizer_files_from_gguf
 from mlxedge.model import SourceModel, TensorInfo
 
 logger = logging.getLogger(__name__)
-
-_INCOMPLETE = "is not a complete GGUF file"
-_REFETCH = "if the file was cut short or damaged in transit, download or copy it again"
-# Magic, version, tensor count and kv count: the smallest possible GGUF header.
-_HEADER_BYTES = 4 + 4 + 8 + 8
-# A tensor-info record needs at least: name length (8), one name byte, n_dims (4), one dim (8),
-# type (4) and offset (8). A key/value needs: key length (8), one key byte, value type (4), one
-# value byte. Counts above file_size / these are corrupt and rejected before gguf-py loops on them.
-_MIN_TENSOR_INFO_BYTES = 8 + 1 + 4 + 8 + 4 + 8
-_MIN_KV_BYTES = 8 + 1 + 4 + 1
 
 
 @dataclass(frozen=True)
@@ -69,13 +60,12 @@ def _dequantizable(qtype: QType) -> bool:
 class GGUFTensorSource:
     """Tensors of one GGUF file under Hugging Face names, dequantized to float32 on read."""
 
-    def __init__(
-        self, path: Path, reader: gguf.GGUFReader, n_head: int, n_kv_head: int, arch: _Arch
-    ):
+    def __init__(self, path: Path, file: GGUFFile, n_head: int, n_kv_head: int, arch: _Arch):
         self._path = path
-        self._tensors: dict[str, gguf.ReaderTensor] = {}
+        self._file = file
+        self._tensors: dict[str, GGUFTensor] = {}
         self._heads: dict[str, int] = {}  # HF name -> head count, for tensors to un-permute
-        for tensor in reader.tensors:
+        for tensor in file.tensors.values():
             name = hf_tensor_name(tensor.name)
             if name is None:
                 continue
@@ -88,11 +78,7 @@ class GGUFTensorSource:
     def infos(self) -> list[TensorInfo]:
         """HF name, (out, in) shape and GGUF storage type of each tensor, in file order."""
         return [
-            TensorInfo(
-                name=name,
-                shape=tuple(int(d) for d in reversed(t.shape.tolist())),
-                dtype=_FLOAT_NAMES.get(t.tensor_type, t.tensor_type.name),
-            )
+            TensorInfo(name=name, shape=t.shape, dtype=_FLOAT_NAMES.get(t.type, t.type.name))
             for name, t in self._tensors.items()
         ]
 
@@ -119,16 +105,15 @@ class GGUFTensorSource:
         tensor = self._tensors.get(name)
         if tensor is None:
             raise MlxedgeError(f"no tensor named {name!r}", path=self._path)
-        if not _dequantizable(tensor.tensor_type):
+        if not _dequantizable(tensor.type):
             raise MlxedgeError(
-                f"tensor {tensor.name} has type {tensor.tensor_type.name}, which cannot be "
+                f"tensor {tensor.name} has type {tensor.type.name}, which cannot be "
                 "dequantized yet",
                 path=self._path,
             )
-        shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
         # dequantize returns a view for F32; copying detaches the result from the memory map.
-        values = np.array(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
-        values = values.reshape(shape)
+        values = np.array(dequantize(self._file.data(tensor), tensor.type), dtype=np.float32)
+        values = values.reshape(tensor.shape)
         if name in self._heads:
             values = unpermute_qk(values, self._heads[name])
         return values
@@ -150,8 +135,8 @@ def load_gguf(path: Path) -> SourceModel:
             vocabulary is not supported, or required metadata is missing (the key is named).
     """
     path = Path(path)
-    reader = _open_reader(path)
-    metadata = _metadata(reader, path)
+    file = open_gguf(path)
+    metadata = file.metadata
 
     arch_name = _get(metadata, "general.architecture", path)
     arch = ARCHITECTURES.get(arch_name)
@@ -161,15 +146,15 @@ def load_gguf(path: Path) -> SourceModel:
             + ", ".join(sorted(ARCHITECTURES)),
             path=path,
         )
-    _check_tensors(reader, path)
-    config = _build_config(metadata, arch_name, arch, reader, path)
+    _check_tensors(file, path)
+    config = _build_config(metadata, arch_name, arch, file, path)
     try:
         side_files = tokenizer_files_from_gguf(metadata)
     except MlxedgeError as err:
         raise MlxedgeError(err.message, path=path, fix=err.fix) from err
 
     weights = GGUFTensorSource(
-        path, reader, config["num_attention_heads"], config["num_key_value_heads"], arch
+        path, file, config["num_attention_heads"], config["num_key_value_heads"], arch
     )
     return SourceModel(
         name=_display_name(metadata, path),
@@ -184,51 +169,6 @@ def load_gguf(path: Path) -> SourceModel:
     )
 
 
-def _open_reader(path: Path) -> gguf.GGUFReader:
-    """gguf-py's reader, after bounds checks it does not make; every failure names the file."""
-    try:
-        size = path.stat().st_size
-        with path.open("rb") as fh:
-            header = fh.read(_HEADER_BYTES)
-    except OSError as err:
-        raise MlxedgeError(f"cannot read the file: {err.strerror}", path=path) from err
-    if len(header) < _HEADER_BYTES or header[:4] != b"GGUF":
-        raise MlxedgeError(f"{_INCOMPLETE} (no GGUF header)", path=path, fix=_REFETCH)
-    # A file written on a big-endian machine has its version in the high bytes (as gguf-py checks).
-    order = "big" if int.from_bytes(header[4:8], "little") & 0xFFFF == 0 else "little"
-    n_tensors = int.from_bytes(header[8:16], order)
-    n_kv = int.from_bytes(header[16:24], order)
-    if n_tensors * _MIN_TENSOR_INFO_BYTES + n_kv * _MIN_KV_BYTES > size:
-        raise MlxedgeError(
-            f"{_INCOMPLETE} (its header lists {n_tensors} tensors and {n_kv} metadata keys, "
-            f"more than {size} bytes can hold)",
-            path=path,
-            fix=_REFETCH,
-        )
-    try:
-        reader = gguf.GGUFReader(path)
-    except (ValueError, IndexError, KeyError, TypeError, OverflowError, UnicodeDecodeError) as err:
-        raise MlxedgeError(f"{_INCOMPLETE} (gguf-py: {err})", path=path, fix=_REFETCH) from err
-    for tensor in reader.tensors:
-        if tensor.data_offset + tensor.n_bytes > size:
-            raise MlxedgeError(
-                f"{_INCOMPLETE} (tensor {tensor.name} ends past the end of the file)",
-                path=path,
-                fix=_REFETCH,
-            )
-    return reader
-
-
-def _metadata(reader: gguf.GGUFReader, path: Path) -> dict[str, Any]:
-    """Every metadata key as a plain Python value."""
-    try:
-        return {key: field.contents() for key, field in reader.fields.items()}
-    except (ValueError, IndexError, TypeError, UnicodeDecodeError) as err:
-        raise MlxedgeError(
-            f"{_INCOMPLETE} (unreadable metadata: {err})", path=path, fix=_REFETCH
-        ) from err
-
-
 def _get(metadata: dict[str, Any], key: str, path: Path) -> Any:
     value = metadata.get(key)
     if value is None:
@@ -236,9 +176,9 @@ def _get(metadata: dict[str, Any], key: str, path: Path) -> Any:
     return value
 
 
-def _check_tensors(reader: gguf.GGUFReader, path: Path) -> None:
+def _check_tensors(file: GGUFFile, path: Path) -> None:
     """Fail before any work on a tensor this importer cannot name or dequantize."""
-    for tensor in reader.tensors:
+    for tensor in file.tensors.values():
         if tensor.name == "rope_freqs.weight":
             # Llama-3-style rope scaling is stored as per-frequency factors; rebuilding the HF
             # rope_scaling block from them is not implemented.
@@ -249,16 +189,16 @@ def _check_tensors(reader: gguf.GGUFReader, path: Path) -> None:
             raise MlxedgeError(
                 f"tensor {tensor.name} has no Hugging Face equivalent here", path=path
             )
-        if not _dequantizable(tensor.tensor_type):
+        if not _dequantizable(tensor.type):
             raise MlxedgeError(
-                f"tensor {tensor.name} has type {tensor.tensor_type.name}, which cannot be "
+                f"tensor {tensor.name} has type {tensor.type.name}, which cannot be "
                 "dequantized yet",
                 path=path,
             )
 
 
 def _build_config(
-    metadata: dict[str, Any], arch_name: str, arch: _Arch, reader: gguf.GGUFReader, path: Path
+    metadata: dict[str, Any], arch_name: str, arch: _Arch, file: GGUFFile, path: Path
 ) -> dict[str, Any]:
     """A Hugging Face config.json from the `{arch}.*` hyperparameters."""
 
@@ -282,13 +222,13 @@ def _build_config(
             "is not supported",
             path=path,
         )
-    names = {t.name: t for t in reader.tensors}
+    names = file.tensors
     tokens = _get(metadata, TokenizerKeys.TOKENS, path)
     vocab_size = len(tokens)
     embedding = names.get("token_embd.weight")
     if embedding is None:
         raise MlxedgeError("tensor token_embd.weight is missing", path=path)
-    embed_rows = int(embedding.shape[-1])
+    embed_rows = int(embedding.shape[0])
     if embed_rows != vocab_size:
         # mlx-lm sizes the embedding from vocab_size, so the tensor wins.
         logger.warning(
