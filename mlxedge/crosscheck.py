@@ -251,8 +251,24 @@ def crosscheck(
     max_windows: int | None = 8,
     max_kl: float | None = None,
     progress: Progress | None = None,
+    original: ReferenceBackend | None = None,
 ) -> list[CrossRow]:
-    """Every artifact on every backend: fidelity and quality gates (see the module doc)."""
+    """Every artifact on every backend: fidelity and quality gates (see the module doc).
+
+    Args:
+        artifacts: the models to check.
+        reference: the original model they came from.
+        text: what to run on.
+        backends: backend names (`runtime.BACKENDS`).
+        ctx, max_windows: the protocol (see the module doc).
+        max_kl: the quality gate's ceiling; None for the default of each artifact's bit width.
+        progress: called with (label, done, total) as windows finish.
+        original: a reference backend already built for `reference` (its float32 weights are
+            read once, however many calls share it); None builds one.
+
+    Returns:
+        One row per (artifact, backend), in that order.
+    """
     if reference.tokenizer_json is None:
         raise MlxedgeError(
             "the reference has no tokenizer.json to tokenize the text with",
@@ -264,7 +280,7 @@ def crosscheck(
     ids = tokenize(text, reference.tokenizer_json, reference.name)
     bos = bos_id(reference)
     protocols: dict[int | None, Protocol] = {}
-    original = _Memo(ReferenceBackend(reference))
+    original = _Memo(original or ReferenceBackend(reference))
     rows = []
     for art in artifacts:
         own = _Memo(ReferenceBackend(art))  # the yardstick of fidelity: same weights, numpy

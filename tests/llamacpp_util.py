@@ -1,7 +1,8 @@
-"""llama.cpp through llama-cpp-python, for the tests that prove our GGUF files in it.
+"""llama.cpp through llama-cpp-python, for the tests that prove our GGUF files in it, and
+llama.cpp's own test data (see `llamacpp_data.py`, which `make install` runs).
 
-Where the package is missing a test skips, except in CI (CI=true), where it fails: a green CI run
-must mean llama.cpp really ran.
+Where the package or the data is missing a test skips, except in CI (CI=true), where it fails: a
+green CI run must mean llama.cpp really ran.
 """
 
 from __future__ import annotations
@@ -13,8 +14,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType
+from llamacpp_data import DATA_DIR, is_complete
 
 from mlxedge.formats.ggml_blocks import TYPES
+
+
+def skip_or_fail(reason: str):
+    """Skip with `reason`; under CI=true fail, since a skip would hide that llama.cpp never ran."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason} (CI=true: a llama.cpp test may not skip)", pytrace=False)
+    pytest.skip(reason)
 
 
 def llama_cpp():
@@ -22,10 +31,15 @@ def llama_cpp():
     try:
         import llama_cpp
     except ImportError:
-        if os.environ.get("CI") == "true":
-            pytest.fail("llama-cpp-python is not installed in CI", pytrace=False)
-        pytest.skip("llama-cpp-python is not installed (pip install -e '.[llamacpp]')")
+        skip_or_fail("llama-cpp-python is not installed (pip install -e '.[llamacpp]')")
     return llama_cpp
+
+
+def llama_cpp_data() -> Path:
+    """llama.cpp's test vocabularies and llama-vocab.cpp, as `make install` unpacked them."""
+    if not is_complete(DATA_DIR):
+        skip_or_fail(f"llama.cpp's test data is not in {DATA_DIR} (run `make install`)")
+    return DATA_DIR
 
 
 def logits(path: Path, ids: list[int], n_ctx: int = 64) -> np.ndarray:

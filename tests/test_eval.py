@@ -210,10 +210,24 @@ def _smollm2_gguf() -> Path:
     return default_model_path()
 
 
-def test_a_backend_that_cannot_run_is_skipped_with_its_reason():
-    # mlx-lm loads folders; the built-in model is a GGUF file. Against itself it passes: the
-    # reference row is exact (KL 0), the mlx row is skipped, and skipping does not fail the run.
-    code, rows = crosscheck_rows("smollm2")
+@pytest.fixture(scope="module")
+def tiny_gguf(tiny, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("g") / "tiny.gguf"
+    assert run("export", "gguf", tiny, "-o", out, "--type", "F32").exit_code == 0
+    return out
+
+
+def tiny_crosscheck(artifact, reference, backends: str, *extra) -> tuple[int, list[dict], str]:
+    result = run("crosscheck", artifact, "--reference", reference, "--windows", 1, "--ctx", 128,
+                 "--backends", backends, *extra)  # fmt: skip
+    rows = json.loads(result.output) if "--json" in extra else []
+    return result.exit_code, rows, result.output
+
+
+def test_a_backend_that_cannot_run_is_skipped_with_its_reason(tiny_gguf):
+    # mlx-lm loads folders, not GGUF files. Against itself the file passes: the reference row is
+    # exact (KL 0), the mlx row is skipped, and skipping does not fail the run.
+    code, rows, _ = tiny_crosscheck(tiny_gguf, tiny_gguf, "reference,mlx", "--json")
     assert code == 0
     ref, mlx = rows
     assert ref["passed"] and ref["quality"]["kl_mean"] == 0 and ref["quality"]["top1"] == 1
@@ -221,10 +235,8 @@ def test_a_backend_that_cannot_run_is_skipped_with_its_reason():
     assert mlx["skipped"] and "loads model folders" in mlx["skipped"]
 
 
-def test_strict_fails_when_a_backend_is_skipped():
-    result = run("crosscheck", "smollm2", "--reference", "smollm2", "--windows", 1,
-                 "--backends", "reference,mlx", "--strict")  # fmt: skip
-    assert result.exit_code == 1 and "--strict" in result.output
-    result = run("crosscheck", "smollm2", "--reference", "smollm2", "--windows", 1,
-                 "--backends", "reference", "--strict")  # fmt: skip
-    assert result.exit_code == 0, result.output
+def test_strict_fails_when_a_backend_is_skipped(tiny_gguf):
+    code, _, output = tiny_crosscheck(tiny_gguf, tiny_gguf, "reference,mlx", "--strict")
+    assert code == 1 and "--strict" in output
+    code, _, output = tiny_crosscheck(tiny_gguf, tiny_gguf, "reference", "--strict")
+    assert code == 0, output

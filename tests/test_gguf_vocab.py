@@ -17,19 +17,17 @@ import functools
 import json
 import os
 import re
-import subprocess
-import sys
-import tarfile
 from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
-from llamacpp_util import llama_cpp
+from llamacpp_util import llama_cpp, llama_cpp_data
 from tokenizers import Tokenizer
 
 from mlxedge.errors import MlxedgeError
 from mlxedge.formats.gguf_pretokenizers import CANONICAL, PRE_TOKENIZERS, TABLE
+from mlxedge.formats.gguf_reader import open_gguf
 from mlxedge.formats.gguf_tokenizer import TokenizerKeys, tokenizer_files_from_gguf
 from mlxedge.formats.gguf_vocab import (
     LLAMA_CPP_PRE_NAMES,
@@ -39,8 +37,6 @@ from mlxedge.formats.gguf_vocab import (
     detect_pre_tokenizer,
 )
 
-LLAMA_CPP_PYTHON = "0.3.36"
-CACHE = Path(os.environ.get("MLXEDGE_TEST_CACHE", Path.home() / ".cache" / "mlxedge-tests"))
 SEPARATOR = "\n__ggml_vocab_test__\n"
 
 # Hugging Face definitions as the model repositories ship them.
@@ -94,8 +90,9 @@ def write_vocab_gguf(
 
 
 def metadata(path: Path) -> dict:
-    reader = gguf.GGUFReader(path)
-    return {key: field.contents() for key, field in reader.fields.items()}
+    # Our reader, held to gguf-py's on every llama.cpp vocabulary by tests/test_gguf_reader.py;
+    # gguf-py's takes about 20 s on a 150k-token vocabulary.
+    return open_gguf(path).metadata
 
 
 def tokenize_all(path: Path, texts: list[str], special: bool = False) -> list[list[int]]:
@@ -106,8 +103,7 @@ def tokenize_all(path: Path, texts: list[str], special: bool = False) -> list[li
 
 @functools.cache
 def original_metadata(path: Path) -> dict:
-    # gguf-py's reader takes ~20 s on a 150k-token vocabulary; read each reference file once
-    return metadata(path)
+    return metadata(path)  # each reference file read once per worker
 
 
 def imported(gguf_path: Path, **overrides) -> tuple[dict, dict, dict]:
@@ -183,43 +179,10 @@ def test_smollm2_vocab_tokenizes_like_the_shipped_gguf(tmp_path, smollm2_gguf, d
 # ----------------------------------------------------------------- llama.cpp test vocabularies (b)
 
 
-def sdist() -> Path:
-    """The llama-cpp-python source distribution (downloaded once into the cache)."""
-    download = CACHE / "sdist"
-    download.mkdir(parents=True, exist_ok=True)
-    name = f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"
-    if not (download / name).is_file():
-        cmd = [sys.executable, "-m", "pip", "download", f"llama-cpp-python=={LLAMA_CPP_PYTHON}",
-               "--no-deps", "--no-binary", ":all:", "-d", str(download)]  # fmt: skip
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0 or not (download / name).is_file():
-            message = f"cannot download the llama-cpp-python sdist: {done.stderr[-500:]}"
-            if os.environ.get("CI") == "true":
-                pytest.fail(message, pytrace=False)
-            pytest.skip(message)
-    return download / name
-
-
-VENDORED = f"llama_cpp_python-{LLAMA_CPP_PYTHON}/vendor/llama.cpp/"
-
-
 @pytest.fixture(scope="session")
 def vocab_dir() -> Path:
-    """llama.cpp's models/ggml-vocab-* files, from the llama-cpp-python sdist (cached)."""
-    folder = CACHE / f"llama-cpp-python-{LLAMA_CPP_PYTHON}" / "models"
-    if (folder / "ggml-vocab-llama-spm.gguf.out").is_file():
-        return folder
-    prefix = VENDORED + "models/"
-    partial = folder.with_name("models.partial")
-    partial.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(sdist()) as tar:
-        for member in tar.getmembers():
-            base = member.name.removeprefix(prefix)
-            if member.isfile() and base != member.name and base.startswith("ggml-vocab-"):
-                if "/" not in base:
-                    (partial / base).write_bytes(tar.extractfile(member).read())
-    partial.rename(folder)  # complete or absent, so a rerun never sees half a folder
-    return folder
+    """llama.cpp's models/ggml-vocab-* files (unpacked by `make install`)."""
+    return llama_cpp_data() / "models"
 
 
 def vocab_tests(folder: Path, name: str) -> tuple[list[str], list[list[int]]]:
@@ -354,8 +317,7 @@ def llama_vocab_facts(source: str) -> dict[str, dict]:
 @pytest.fixture(scope="session")
 def llama_vocab_cpp() -> str:
     """llama.cpp's src/llama-vocab.cpp as vendored by the llama-cpp-python sdist."""
-    with tarfile.open(sdist()) as tar:
-        return tar.extractfile(VENDORED + "src/llama-vocab.cpp").read().decode("utf-8")
+    return (llama_cpp_data() / "src" / "llama-vocab.cpp").read_text(encoding="utf-8")
 
 
 def test_table_states_what_llama_vocab_cpp_does(llama_vocab_cpp):

@@ -1,0 +1,45 @@
+"""Suite-wide settings: thread caps for parallel workers, and the SmolLM2 models shared by tests.
+
+`make test` runs the suite on one worker per core (pytest-xdist). Each worker is then held to one
+thread — BLAS, our native pools and llama.cpp alike — or two workers on two cores would each
+start a pool per core and spend their time switching. The caps are set before the workers start,
+so their NumPy reads them at import.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+_ONE_THREAD = {
+    "OPENBLAS_NUM_THREADS": "1",
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "VECLIB_MAXIMUM_THREADS": "1",  # Accelerate, on a Mac
+    "MLXEDGE_THREADS": "1",
+}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    workers = getattr(config.option, "numprocesses", None)
+    if workers and not os.environ.get("PYTEST_XDIST_WORKER"):
+        for key, value in _ONE_THREAD.items():
+            os.environ.setdefault(key, value)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2 as `open_model("smollm2")` gives it (weights read lazily), once per worker."""
+    from mlxedge.runtime.artifact import open_model
+
+    return open_model("smollm2")
+
+
+@pytest.fixture(scope="session")
+def smollm2_reference(smollm2):
+    """The numpy reference of SmolLM2's original weights, built once per worker (about 0.5 GiB of
+    float32) and passed to `crosscheck(..., original=)` so no test builds its own."""
+    from mlxedge.runtime.reference import ReferenceBackend
+
+    return ReferenceBackend(smollm2)
