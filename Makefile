@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install demo test bench lint format clean
+.PHONY: install demo test test-slow bench lint format clean
 
 install: $(STAMP)
 
@@ -33,8 +33,17 @@ demo: install
 	$(VENV)/bin/mlxedge crosscheck demo-out/SmolLM2-135M-Instruct-4bit-g64 demo-out/SmolLM2-135M-Instruct-Q4_K_M.gguf \
 		--reference smollm2 --windows 2
 
+# One worker per core (at most 4: each may hold SmolLM2's float32 reference, 0.5 GiB), each held
+# to one thread (tests/conftest.py). Slow tests are deselected here; `make test-slow` (and CI,
+# after `make test`) runs them.
+PYTEST := $(PY) -m pytest -q -n auto --maxprocesses 4
+
 test: install
-	$(PY) -m pytest -q
+	$(PYTEST)
+
+# pytest exits with 5 when no test is selected: having no slow tests is not a failure.
+test-slow: install
+	$(PYTEST) -m slow || [ $$? -eq 5 ]
 
 bench: install
 	$(PY) bench/bench_convert.py

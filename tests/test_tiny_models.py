@@ -173,6 +173,7 @@ def test_invalid_arguments_name_the_choices(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.slow  # writes 2.5 GB
 def test_llama_1b_shape_folder(tmp_path: Path) -> None:
     folder = make_llama_1b_shape(tmp_path / "llama1b")
     config = json.loads((folder / "config.json").read_text())
