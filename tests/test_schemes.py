@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from rounding import assert_same_multiply_add
 
 from mlxedge.errors import MlxedgeError
 from mlxedge.quant import backend, schemes
@@ -67,7 +68,8 @@ def test_dequantize_matches_mx_dequantize_in_float32(bits, group):
         group_size=group,
         bits=bits,
     )
-    np.testing.assert_array_equal(schemes.dequantize(qt), np.array(theirs))
+    bias = qt.biases.astype(np.float32).repeat(group, axis=1)
+    assert_same_multiply_add(schemes.dequantize(qt), np.array(theirs), bias)
 
 
 @pytest.mark.parametrize("bits", SUPPORTED_BITS)
@@ -204,3 +206,14 @@ def test_unknown_method_and_dtype_are_refused():
         schemes.quantize(w, AffineScheme(4, 64), "float16", "gptq")
     with pytest.raises(MlxedgeError, match="dtype"):
         schemes.quantize(w, AffineScheme(4, 64), "int8", "rtn")
+
+
+def test_the_multiply_add_comparison_allows_one_rounding_and_no_more():
+    rng = np.random.default_rng(3)
+    s, q, b = (rng.standard_normal(4096).astype(np.float32) for _ in range(3))
+    twice = s * q + b  # numpy: the product rounded, then the sum
+    once = (s.astype(np.float64) * q + b).astype(np.float32)  # a fused multiply-add's result
+    assert not np.array_equal(twice, once)  # the two roundings do differ somewhere
+    assert_same_multiply_add(twice, once, b)
+    with pytest.raises(AssertionError, match="beyond one rounding"):
+        assert_same_multiply_add(twice, np.nextafter(np.nextafter(once, 9), 9) + 1e-6, b)
