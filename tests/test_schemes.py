@@ -21,7 +21,8 @@ DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
 def _mx_quantize(w: np.ndarray, scheme: AffineScheme, dtype: str):
     wm = mx.array(w).astype(DTYPES[dtype])
-    q, s, b = mx.quantize(wm, group_size=scheme.group_size, bits=scheme.bits)
+    # MLX's CPU kernel: its Metal one rounds ties away from zero (mlxedge's rtn follows the CPU)
+    q, s, b = mx.quantize(wm, group_size=scheme.group_size, bits=scheme.bits, stream=mx.cpu)
     return np.array(q), np.array(s.astype(mx.float32)), np.array(b.astype(mx.float32))
 
 

@@ -97,7 +97,7 @@ def active_backend(method: str = "rtn") -> str:
     if native_available():
         return f"native ({thread_count()} threads)"
     if mx is not None and method == "rtn":
-        return f"mlx ({mx.default_device()})"
+        return "mlx (cpu)"
     return "numpy"
 
 
@@ -192,7 +192,12 @@ def quantize(
     if not finite.all():
         raise NonFiniteWeights(int(np.argmin(finite)))
     if mx is not None and method == "rtn":
-        q, s, b = mx.quantize(_to_mx(w), group_size=scheme.group_size, bits=scheme.bits)
+        # On MLX's CPU stream: its Metal kernel rounds half away from zero and seeds its min/max
+        # differently (an all-negative group gets another scale), so only the CPU kernel gives
+        # the specification's bytes. Metal kernels of our own are metal_kernels/'s job.
+        q, s, b = mx.quantize(
+            _to_mx(w), group_size=scheme.group_size, bits=scheme.bits, stream=mx.cpu
+        )
         qt = QuantizedTensor(_to_np(q), _to_np(s), _to_np(b), scheme)
     else:
         qt = schemes.quantize(w, scheme, dtype, method)
