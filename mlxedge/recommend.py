@@ -74,7 +74,7 @@ class Choice:
 def weights_bytes(config: dict, opts: QuantOptions) -> int:
     """Bytes of every tensor mlxedge writes for this config and these options."""
     arch = arch_for(config, "config.json")
-    infos = [TensorInfo(n, s, "bfloat16") for n, s in arch.tensor_shapes().items()]
+    infos = [TensorInfo(e.name, e.shape, "bfloat16") for e in arch.tensors()]
     total = 0
     for plan in plan_tensors(arch, infos, opts):
         if plan.role == Role.DROP:

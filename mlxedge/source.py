@@ -217,7 +217,7 @@ def from_folder(folder: Path, origin: str, hub_id: str | None = None) -> SourceM
     names = [i.name for i in weights.infos()]
     _refuse_quantized(folder, config, names)
     arch = arch_for(config, str(config_path))
-    missing = sorted(set(arch.expected_tensors()) - set(names))
+    missing = sorted({e.name for e in arch.tensors()} - set(names))
     if missing:
         raise MlxedgeError(
             f"{len(missing)} tensors the config calls for are missing, e.g. {missing[0]!r}",

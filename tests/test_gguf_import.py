@@ -18,9 +18,10 @@ import pytest
 import regex
 from rounding import assert_same_multiply_add
 
+from mlxedge.archs import ARCHITECTURES, Kind, arch_for
 from mlxedge.default_model import default_model_path
 from mlxedge.errors import MlxedgeError
-from mlxedge.formats.gguf_import import hf_tensor_name, load_gguf
+from mlxedge.formats.gguf_import import load_gguf
 from mlxedge.formats.gguf_tokenizer import tokenizer_files_from_gguf
 from mlxedge.model import SourceModel
 
@@ -41,6 +42,10 @@ def smollm2(smollm2_path: Path) -> SourceModel:
 def gguf_metadata(smollm2_path: Path) -> dict:
     reader = gguf.GGUFReader(smollm2_path)
     return {key: field.contents() for key, field in reader.fields.items()}
+
+
+def hf_tensor_name(config: dict, gguf_name: str) -> str:
+    return arch_for(config).gguf_entry(gguf_name, "test").name
 
 
 def permute_like_llama_cpp(rows: np.ndarray, n_head: int) -> np.ndarray:
@@ -78,7 +83,7 @@ def test_weights_equal_mlx_gguf_reader(smollm2: SourceModel, smollm2_path: Path)
     infos = {info.name: info for info in smollm2.weights.infos()}
     assert len(gguf_names) == len(infos) == 272
     for gguf_name in gguf_names:
-        hf_name = hf_tensor_name(gguf_name)
+        hf_name = hf_tensor_name(config, gguf_name)
         ours = smollm2.weights.read(hf_name)
         assert ours.dtype == np.float32
         assert ours.shape == infos[hf_name].shape
@@ -393,7 +398,8 @@ def test_tiny_architectures_round_trip(tmp_path: Path, arch: str) -> None:
 
     model = load_gguf(path)
     for gguf_name, expected in hf.items():
-        assert np.array_equal(model.weights.read(hf_tensor_name(gguf_name)), expected), gguf_name
+        name = hf_tensor_name(model.config, gguf_name)
+        assert np.array_equal(model.weights.read(name), expected), gguf_name
     c = model.config
     assert c["model_type"] == arch
     assert c["tie_word_embeddings"] is False
@@ -513,21 +519,28 @@ def test_default_model_missing_package_says_how_to_install(monkeypatch: pytest.M
         default_model.default_model_path()
 
 
-def test_names_and_row_order_map_both_ways() -> None:
-    from mlxedge.formats.gguf_names import (
-        BLOCK_NAMES,
-        GLOBAL_NAMES,
-        gguf_tensor_name,
-        permute_qk,
-        unpermute_qk,
-    )
-
-    for gg in [*GLOBAL_NAMES, *(f"blk.7.{b}.weight" for b in BLOCK_NAMES), "blk.3.attn_k.bias"]:
-        hf = hf_tensor_name(gg)
-        assert hf is not None and gguf_tensor_name(hf) == gg
-    assert gguf_tensor_name("model.layers.0.rotary_emb.inv_freq") is None
-    rows = np.arange(4 * 8 * 3, dtype=np.float32).reshape(32, 3)  # 4 heads of 8 rows
-    assert np.array_equal(unpermute_qk(permute_qk(rows, 4), 4), rows)
-    assert not np.array_equal(permute_qk(rows, 4), rows)
-    # within a head, HF's halves [0..3 | 4..7] become llama.cpp's pairs (0, 4), (1, 5), ...
-    assert permute_qk(rows, 4)[:8, 0].tolist() == rows[[0, 4, 1, 5, 2, 6, 3, 7], 0].tolist()
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_names_and_row_order_map_both_ways(model_type: str) -> None:
+    config = {"model_type": model_type, "hidden_size": 64, "intermediate_size": 96,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "head_dim": 16, "vocab_size": 300, "tie_word_embeddings": False}  # fmt: skip
+    arch = arch_for(config)
+    table = arch.tensors()
+    assert len({e.gguf_name for e in table}) == len({e.name for e in table}) == len(table)
+    for e in table:
+        assert arch.gguf_entry(e.gguf_name, "test") == e
+        assert e.gguf_name.startswith(f"blk.{e.layer}.") == (e.layer is not None)
+    by_name = {e.name: e for e in table}
+    assert by_name["model.layers.1.mlp.down_proj.weight"].gguf_name == "blk.1.ffn_down.weight"
+    assert by_name["model.layers.1.mlp.down_proj.weight"].kind == Kind.FFN_DOWN
+    assert by_name["lm_head.weight"].gguf_name == "output.weight"
+    assert arch.role("model.layers.0.self_attn.rotary_emb.inv_freq").name == "DROP"
+    q = by_name["model.layers.0.self_attn.q_proj.weight"]
+    rows = np.arange(4 * 16 * 3, dtype=np.float32).reshape(64, 3)  # 4 heads of 16 rows
+    assert np.array_equal(q.from_gguf(q.to_gguf(rows)), rows)
+    if model_type in ("llama", "mistral"):  # llama.cpp's "norm" rotary: stored permuted
+        assert np.array_equal(q.to_gguf(rows), permute_like_llama_cpp(rows, 4))
+        # within a head, HF's halves [0..7 | 8..15] become llama.cpp's pairs (0, 8), (1, 9), ...
+        assert q.to_gguf(rows)[:4, 0].tolist() == rows[[0, 8, 1, 9], 0].tolist()
+    else:  # "neox" rotary: Hugging Face's order as it is
+        assert np.array_equal(q.to_gguf(rows), rows)

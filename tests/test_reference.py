@@ -11,10 +11,11 @@ import pytest
 from mlx_lm.utils import load_model
 from tiny_models import ARCHS, llama_1b_config, make_tiny_model
 
+from mlxedge.archs import arch_for
 from mlxedge.checkpoint import HFCheckpoint
 from mlxedge.cli import main
 from mlxedge.runtime.artifact import open_model
-from mlxedge.runtime.reference import ReferenceModel, rope_inv_freq
+from mlxedge.runtime.reference import ReferenceModel
 
 TOLERANCE = 1e-4  # max |logit difference| in float32 (issue 3)
 
@@ -70,16 +71,17 @@ def test_llama3_rope_scaling_matches_mlx_lm():
     head_dim = config["hidden_size"] // config["num_attention_heads"]
     rope = Llama3RoPE(head_dim, base=config["rope_theta"], scaling_config=config["rope_scaling"])
     theirs = 1.0 / np.array(rope._freqs)
-    ours = rope_inv_freq(config, head_dim)
+    ours = arch_for(config).spec.inv_freq()
     np.testing.assert_allclose(ours, theirs, rtol=1e-6)
-    assert not np.allclose(ours, rope_inv_freq(config | {"rope_scaling": None}, head_dim))
+    assert not np.allclose(ours, arch_for(config | {"rope_scaling": None}).spec.inv_freq())
 
 
 def test_unknown_rope_scaling_is_refused():
     from mlxedge.errors import MlxedgeError
 
+    config = llama_1b_config() | {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}
     with pytest.raises(MlxedgeError, match="yarn"):
-        rope_inv_freq({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, 64)
+        arch_for(config).spec.inv_freq()
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

@@ -1,31 +1,41 @@
-"""One module per Hugging Face `model_type`; `arch_for` picks the right one from a config."""
+"""One module per Hugging Face `model_type`; `arch_for` picks the right one from a config.
+
+An architecture module owns everything about its architecture: the config read into a validated
+`ModelSpec`, the tensor table (Hugging Face name, shape, llama.cpp's class, GGUF name, how values
+move to and from GGUF), the GGUF hyperparameters both ways, and the decoder forward written once
+against `archs.ops.Ops`. Nothing outside this package branches on a model type.
+"""
 
 from __future__ import annotations
 
 from ..errors import MlxedgeError
-from .base import LlamaFamily, Role
 from .llama import Llama
 from .mistral import Mistral
+from .ops import Ops
 from .qwen2 import Qwen2
 from .qwen3 import Qwen3
+from .spec import Kind, ModelSpec, Role, TensorEntry
 
-ARCHITECTURES: dict[str, type[LlamaFamily]] = {
+Architecture = Llama  # every architecture module's class refines the llama decoder
+
+ARCHITECTURES: dict[str, type[Architecture]] = {
     cls.model_type: cls for cls in (Llama, Mistral, Qwen2, Qwen3)
+}
+# A GGUF file's `general.architecture` -> the class it imports as (a Mistral file says "llama").
+GGUF_ARCHITECTURES: dict[str, type[Architecture]] = {
+    cls.gguf_arch_name_of(): cls for cls in (Llama, Qwen2, Qwen3)
 }
 
 
-def arch_for(config: dict, where: str = "config.json") -> LlamaFamily:
-    """The architecture description for a config.
+def arch_for(config: dict, where: str = "config.json") -> Architecture:
+    """The architecture of a config, with the config read into its spec.
 
     Args:
         config: a Hugging Face config.json's contents.
         where: the file the config came from, named in errors.
 
-    Returns:
-        The architecture, with its config checked.
-
     Raises:
-        MlxedgeError: missing or unsupported model_type, or a required key missing.
+        MlxedgeError: missing or unsupported model_type, or a config the type cannot use.
     """
     model_type = config.get("model_type")
     if model_type not in ARCHITECTURES:
@@ -34,9 +44,34 @@ def arch_for(config: dict, where: str = "config.json") -> LlamaFamily:
             path=where,
             fix=f"supported model types: {', '.join(sorted(ARCHITECTURES))}",
         )
-    arch = ARCHITECTURES[model_type](config)
-    arch.check_config(where)
-    return arch
+    return ARCHITECTURES[model_type](config, where)
 
 
-__all__ = ["ARCHITECTURES", "LlamaFamily", "Role", "arch_for"]
+def arch_for_gguf(name: str, path) -> type[Architecture]:
+    """The class a GGUF file of `general.architecture` `name` imports as.
+
+    Raises:
+        MlxedgeError: an architecture this project does not import.
+    """
+    cls = GGUF_ARCHITECTURES.get(name)
+    if cls is None:
+        raise MlxedgeError(
+            f"architecture {name!r} is not supported; supported: "
+            + ", ".join(sorted(GGUF_ARCHITECTURES)),
+            path=path,
+        )
+    return cls
+
+
+__all__ = [
+    "ARCHITECTURES",
+    "GGUF_ARCHITECTURES",
+    "Architecture",
+    "Kind",
+    "ModelSpec",
+    "Ops",
+    "Role",
+    "TensorEntry",
+    "arch_for",
+    "arch_for_gguf",
+]

@@ -1,23 +1,483 @@
-"""Llama (and Llama 2/3, SmolLM, TinyLlama...): the base llama-family decoder, no extras."""
+"""Llama (Llama 2/3, SmolLM, TinyLlama, ...): the decoder the other modules here refine.
+
+Token embedding; per block RMSNorm → attention with rotary embeddings (Hugging Face's
+rotate-half layout; theta and scaling from the config) and grouped KV heads under a causal mask
+→ residual → RMSNorm → SwiGLU MLP → residual; final RMSNorm; the output head (the embedding when
+tied). `attention_bias` puts biases on q, k, v and o; `mlp_bias` on the MLP's projections.
+
+In GGUF ("llama" architecture) the q and k rows are stored permuted for llama.cpp's rotary, which
+rotates adjacent pairs (`TensorEntry.gguf_heads`), and Llama 3.1-style rope scaling travels as a
+`rope_freqs` tensor of per-frequency divisors.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from typing import Any, ClassVar
 
-from .base import LlamaFamily
+import gguf
+import numpy as np
+
+from ..errors import MlxedgeError
+from .ops import Ops, Value
+from .spec import Kind, ModelSpec, Role, TensorEntry
+
+_ROPE_FREQS = "rope_freqs.weight"
 
 
-@dataclass(frozen=True)
-class Llama(LlamaFamily):
-    """model_type "llama"."""
+class Llama:
+    """model_type "llama", and the base of the llama-like decoders.
 
-    model_type = "llama"
+    Args:
+        config: a Hugging Face config.json's contents.
+        where: the file the config came from, named in errors.
 
-    def extra_layer_tensors(self) -> tuple[str, ...]:
-        # Some llama checkpoints carry projection biases (attention_bias / mlp_bias).
-        extras: tuple[str, ...] = ()
-        if self.config.get("attention_bias"):
-            extras += tuple(f"self_attn.{p}_proj.bias" for p in "qkvo")
-        if self.config.get("mlp_bias"):
-            extras += tuple(f"mlp.{p}_proj.bias" for p in ("gate", "up", "down"))
-        return extras
+    Raises:
+        MlxedgeError: a required key is missing or the geometry does not add up.
+    """
+
+    model_type: ClassVar[str] = "llama"
+    hf_class: ClassVar[str] = "LlamaForCausalLM"
+    gguf_arch: ClassVar[gguf.MODEL_ARCH] = gguf.MODEL_ARCH.LLAMA
+    # llama.cpp's "norm" rotary rotates adjacent pairs: q/k rows are stored permuted for it.
+    gguf_permuted_qk: ClassVar[bool] = True
+    required_keys: ClassVar[tuple[str, ...]] = (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "vocab_size",
+    )
+    # Hugging Face's defaults for the config class (LlamaConfig).
+    defaults: ClassVar[dict[str, Any]] = {
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 2048,
+        "tie_word_embeddings": False,
+    }
+
+    def __init__(self, config: dict, where: str = "config.json") -> None:
+        self.config = config
+        self.where = where
+        missing = [k for k in self.required_keys if k not in config]
+        if missing:
+            raise MlxedgeError(
+                f"config.json lacks {', '.join(missing)}, "
+                f"required for model_type {self.model_type!r}",
+                path=where,
+                fix="use the model's original config.json",
+            )
+        self.spec = self._spec()
+        self._table: list[TensorEntry] | None = None
+        self._by_name: dict[str, TensorEntry] = {}
+        self._by_gguf: dict[str, TensorEntry] = {}
+
+    # ----------------------------------------------------------------------------- the spec
+
+    def _get(self, key: str) -> Any:
+        value = self.config.get(key)
+        return self.defaults.get(key) if value is None else value
+
+    def _int(self, key: str) -> int:
+        value = self._get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise MlxedgeError(
+                f"{key} is {value!r}, not a positive whole number", path=self.where,
+                fix="use the model's original config.json",
+            )  # fmt: skip
+        return value
+
+    def _head_dim(self) -> int:
+        stated = self.config.get("head_dim")
+        return (
+            int(stated) if stated else self._int("hidden_size") // self._int("num_attention_heads")
+        )
+
+    def _windows(self, n_layers: int) -> tuple[int | None, ...]:
+        """The sliding window of each block (None: full attention). Llama has none."""
+        return (None,) * n_layers
+
+    def _biases(self) -> tuple[bool, bool, bool]:
+        """(q/k/v, o, MLP) biases."""
+        attention = bool(self.config.get("attention_bias", False))
+        return attention, attention, bool(self.config.get("mlp_bias", False))
+
+    def _qk_norm(self) -> bool:
+        return False
+
+    def _spec(self) -> ModelSpec:
+        n_heads = self._int("num_attention_heads")
+        n_kv = int(self.config.get("num_key_value_heads") or n_heads)
+        head_dim = self._head_dim()
+        if n_kv <= 0 or n_heads % n_kv:
+            raise MlxedgeError(
+                f"num_attention_heads {n_heads} is not a multiple of num_key_value_heads {n_kv}",
+                path=self.where,
+            )
+        if head_dim <= 0 or head_dim % 2:
+            raise MlxedgeError(f"head size {head_dim} is not a positive even number",
+                               path=self.where)  # fmt: skip
+        n_layers = self._int("num_hidden_layers")
+        qkv_bias, o_bias, mlp_bias = self._biases()
+        act = self.config.get("hidden_act", "silu")
+        if act != "silu":
+            raise MlxedgeError(f"hidden_act {act!r} is not supported (silu is)", path=self.where)
+        return ModelSpec(
+            model_type=self.model_type,
+            hidden_size=self._int("hidden_size"),
+            intermediate_size=self._int("intermediate_size"),
+            vocab_size=self._int("vocab_size"),
+            n_layers=n_layers,
+            n_heads=n_heads,
+            n_kv_heads=n_kv,
+            head_dim=head_dim,
+            rms_norm_eps=float(self._get("rms_norm_eps")),
+            rope_theta=float(self._get("rope_theta")),
+            rope_scaling=self.config.get("rope_scaling") or None,
+            max_position_embeddings=int(self._get("max_position_embeddings")),
+            tied=bool(self._get("tie_word_embeddings")),
+            windows=self._windows(n_layers),
+            qkv_bias=qkv_bias,
+            o_bias=o_bias,
+            mlp_bias=mlp_bias,
+            qk_norm=self._qk_norm(),
+        )
+
+    @property
+    def tied(self) -> bool:
+        return self.spec.tied
+
+    # ----------------------------------------------------------------------- the tensor table
+
+    def tensors(self) -> list[TensorEntry]:
+        """Every parameter of the model, in the order Hugging Face checkpoints store them."""
+        if self._table is None:
+            self._table = list(self._entries())
+            self._by_name = {e.name: e for e in self._table}
+            self._by_gguf = {e.gguf_name: e for e in self._table}
+        return self._table
+
+    def _entries(self):
+        s = self.spec
+        names = gguf.get_tensor_name_map(self.gguf_arch, s.n_layers)
+        d, ff, hd = s.hidden_size, s.intermediate_size, s.head_dim
+        q_rows, kv_rows = s.n_heads * hd, s.n_kv_heads * hd
+
+        def entry(name: str, shape, role: Role, layer: int | None = None) -> TensorEntry:
+            found = names.get_type_and_name(name, try_suffixes=(".weight", ".bias"))
+            if found is None:  # pragma: no cover - a table error, caught by the tests
+                raise AssertionError(f"gguf-py has no {self.gguf_arch.name} name for {name}")
+            kind, gguf_name = found
+            heads = None
+            if self.gguf_permuted_qk and kind in (Kind.ATTN_Q, Kind.ATTN_K):
+                heads = s.n_heads if kind == Kind.ATTN_Q else s.n_kv_heads
+            return TensorEntry(name, tuple(shape), kind, role, layer, gguf_name, heads)
+
+        yield entry("model.embed_tokens.weight", (s.vocab_size, d), Role.EMBEDDING)
+        for i in range(s.n_layers):
+            p = f"model.layers.{i}."
+            yield entry(p + "input_layernorm.weight", (d,), Role.NORM, i)
+            for x, rows in (("q", q_rows), ("k", kv_rows), ("v", kv_rows)):
+                yield entry(p + f"self_attn.{x}_proj.weight", (rows, d), Role.LINEAR, i)
+            if s.qkv_bias:
+                for x, rows in (("q", q_rows), ("k", kv_rows), ("v", kv_rows)):
+                    yield entry(p + f"self_attn.{x}_proj.bias", (rows,), Role.BIAS, i)
+            if s.qk_norm:
+                yield entry(p + "self_attn.q_norm.weight", (hd,), Role.NORM, i)
+                yield entry(p + "self_attn.k_norm.weight", (hd,), Role.NORM, i)
+            yield entry(p + "self_attn.o_proj.weight", (d, q_rows), Role.LINEAR, i)
+            if s.o_bias:
+                yield entry(p + "self_attn.o_proj.bias", (d,), Role.BIAS, i)
+            yield entry(p + "post_attention_layernorm.weight", (d,), Role.NORM, i)
+            for x, shape in (("gate", (ff, d)), ("up", (ff, d)), ("down", (d, ff))):
+                yield entry(p + f"mlp.{x}_proj.weight", shape, Role.LINEAR, i)
+                if s.mlp_bias:
+                    yield entry(p + f"mlp.{x}_proj.bias", shape[:1], Role.BIAS, i)
+        yield entry("model.norm.weight", (d,), Role.NORM)
+        if not s.tied:
+            yield entry("lm_head.weight", (s.vocab_size, d), Role.HEAD)
+
+    def entry(self, name: str) -> TensorEntry | None:
+        """The table's entry for a Hugging Face tensor name, None when it is not a parameter."""
+        self.tensors()
+        return self._by_name.get(name)
+
+    def role(self, name: str) -> Role:
+        """What a checkpoint tensor does; a copy of a tied head or a rotary table is dropped.
+
+        Raises:
+            MlxedgeError: the tensor belongs to no model of this type.
+        """
+        entry = self.entry(name)
+        if entry is not None:
+            return entry.role
+        if name.endswith("rotary_emb.inv_freq") or (self.spec.tied and name == "lm_head.weight"):
+            return Role.DROP
+        raise MlxedgeError(
+            f"tensor {name!r} is not part of a {self.model_type!r} model",
+            path=self.where,
+            fix="check that config.json's model_type matches the weights",
+        )
+
+    # ----------------------------------------------------------------------- the forward pass
+
+    def forward(self, ops: Ops, ids: Value, positions: Value, first: int = 0) -> Value:
+        """Next-token logits at positions first.. of one sequence (see `archs.ops`)."""
+        x = self.embed(ops, ids)
+        context = self.context(ops, positions)
+        for i in range(self.spec.n_layers):
+            x = self.block(ops, i, x, context)
+        return self.head(ops, x, first)
+
+    def embed(self, ops: Ops, ids: Value) -> Value:
+        return ops.embedding("model.embed_tokens.weight", ids)
+
+    def context(self, ops: Ops, positions: Value) -> dict:
+        """What every block needs from the positions: rotary tables and one mask per window."""
+        masks = {w: ops.causal_mask(positions, w) for w in sorted(set(self.spec.windows), key=str)}
+        return {"rope": ops.rope_tables(positions, self.spec.inv_freq()), "masks": masks}
+
+    def block(self, ops: Ops, i: int, x: Value, context: dict) -> Value:
+        """Decoder block `i`: attention, then the MLP, each around a residual."""
+        s, p = self.spec, f"model.layers.{i}."
+        h = ops.rms_norm(x, p + "input_layernorm.weight", s.rms_norm_eps)
+        q = ops.split_heads(
+            ops.linear(h, p + "self_attn.q_proj", s.qkv_bias), s.n_heads, s.head_dim
+        )
+        k = ops.split_heads(
+            ops.linear(h, p + "self_attn.k_proj", s.qkv_bias), s.n_kv_heads, s.head_dim
+        )
+        v = ops.split_heads(
+            ops.linear(h, p + "self_attn.v_proj", s.qkv_bias), s.n_kv_heads, s.head_dim
+        )
+        if s.qk_norm:
+            q = ops.rms_norm(q, p + "self_attn.q_norm.weight", s.rms_norm_eps)
+            k = ops.rms_norm(k, p + "self_attn.k_norm.weight", s.rms_norm_eps)
+        q, k = ops.rope(q, context["rope"]), ops.rope(k, context["rope"])
+        mask = context["masks"][s.windows[i]]
+        attended = ops.attention(i, q, k, v, mask, s.attention_scale)  # (heads, tokens, dim)
+        x = ops.add(x, ops.linear(ops.merge_heads(attended), p + "self_attn.o_proj", s.o_bias))
+        h = ops.rms_norm(x, p + "post_attention_layernorm.weight", s.rms_norm_eps)
+        gate = ops.linear(h, p + "mlp.gate_proj", s.mlp_bias)
+        up = ops.linear(h, p + "mlp.up_proj", s.mlp_bias)
+        return ops.add(x, ops.linear(ops.mul(ops.silu(gate), up), p + "mlp.down_proj", s.mlp_bias))
+
+    def head(self, ops: Ops, x: Value, first: int = 0) -> Value:
+        x = ops.rms_norm(ops.tail(x, first), "model.norm.weight", self.spec.rms_norm_eps)
+        return ops.linear(x, "model.embed_tokens" if self.spec.tied else "lm_head")
+
+    # ------------------------------------------------------------------------ configs written
+
+    def output_config(self) -> dict:
+        """The config to write beside converted weights: the source's, with the tie stated (mlx-lm's
+        llama default is tied, Hugging Face's untied)."""
+        out = dict(self.config)
+        out["tie_word_embeddings"] = self.spec.tied
+        return out
+
+    # ---------------------------------------------------------------------------------- GGUF
+
+    @classmethod
+    def gguf_arch_name_of(cls) -> str:
+        """The `general.architecture` of this class's GGUF files ("llama", "qwen2", ...)."""
+        return gguf.MODEL_ARCH_NAMES[cls.gguf_arch]
+
+    @property
+    def gguf_arch_name(self) -> str:
+        return self.gguf_arch_name_of()
+
+    def gguf_entry(self, gguf_name: str, path) -> TensorEntry:
+        """The table's entry for a GGUF tensor name.
+
+        Raises:
+            MlxedgeError: a tensor the import cannot place (named, with the file).
+        """
+        self.tensors()
+        entry = self._by_gguf.get(gguf_name)
+        if entry is not None:
+            return entry
+        if gguf_name == _ROPE_FREQS:
+            # Rebuilding Hugging Face's rope_scaling block from per-frequency factors is not done.
+            raise MlxedgeError(
+                f"tensor {_ROPE_FREQS} (Llama 3 rope scaling) is not supported yet", path=path
+            )
+        raise MlxedgeError(f"tensor {gguf_name} has no Hugging Face equivalent here", path=path)
+
+    def llama_cpp_is_70b(self) -> bool:
+        """llama.cpp's LLM_TYPE_70B (which some mixes give more bits): 80 layers with grouped KV
+        heads (80 without them is its 65B)."""
+        return self.spec.n_layers == 80 and self.spec.n_heads != self.spec.n_kv_heads
+
+    def add_gguf_hyperparameters(self, writer: gguf.GGUFWriter) -> None:
+        """The `{arch}.*` keys llama.cpp reads to build the model.
+
+        Raises:
+            MlxedgeError: rope scaling GGUF cannot express.
+        """
+        s = self.spec
+        writer.add_context_length(s.max_position_embeddings)
+        writer.add_embedding_length(s.hidden_size)
+        writer.add_block_count(s.n_layers)
+        writer.add_feed_forward_length(s.intermediate_size)
+        writer.add_head_count(s.n_heads)
+        writer.add_head_count_kv(s.n_kv_heads)
+        writer.add_key_length(s.head_dim)
+        writer.add_value_length(s.head_dim)
+        self._add_gguf_vocab_and_rope_dims(writer)
+        writer.add_rope_freq_base(s.rope_theta)
+        writer.add_layer_norm_rms_eps(s.rms_norm_eps)
+        scaling = s.rope_scaling or {}
+        kind = scaling.get("rope_type", scaling.get("type", "default"))
+        if kind == "linear":
+            if not isinstance(scaling.get("factor"), (int, float)):
+                raise MlxedgeError("linear rope scaling without a numeric factor",
+                                   path=self.where, fix="set rope_scaling.factor")  # fmt: skip
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(float(scaling["factor"]))
+        elif kind not in ("default", "llama3", None):
+            raise MlxedgeError(
+                f"rope scaling {kind!r} cannot be exported to GGUF yet",
+                path=self.where,
+                fix="supported: no scaling, 'linear' and 'llama3'",
+            )
+
+    def _add_gguf_vocab_and_rope_dims(self, writer: gguf.GGUFWriter) -> None:
+        # llama.cpp's converter states these for its llama architecture.
+        writer.add_rope_dimension_count(self.spec.head_dim)
+        writer.add_vocab_size(self.spec.vocab_size)
+
+    def gguf_computed_tensors(self) -> list[tuple[str, np.ndarray]]:
+        """Tensors a GGUF file carries that no checkpoint has: Llama 3.1-style rope scaling's
+        per-frequency divisors (`rope_freqs.weight`), computed in float32 in the order llama.cpp's
+        converter computes them, so both write the same bytes."""
+        scaling = self.spec.rope_scaling or {}
+        if scaling.get("rope_type", scaling.get("type")) != "llama3":
+            return []
+        factor = float(scaling.get("factor", 8.0))
+        low = float(scaling.get("low_freq_factor", 1.0))
+        high = float(scaling.get("high_freq_factor", 4.0))
+        old_len = float(scaling.get("original_max_position_embeddings", 8192))
+        head_dim, f32 = self.spec.head_dim, np.float32
+        inv = f32(1) / f32(self.spec.rope_theta) ** (
+            np.arange(0, head_dim, 2, dtype=f32) / f32(head_dim)
+        )
+        wavelen = f32(2 * math.pi) / inv
+        smooth = (f32(old_len) / wavelen - f32(low)) / f32(high - low)
+        medium = f32(1) / ((f32(1) - smooth) / f32(factor) + smooth)
+        divisor = np.where(
+            wavelen < f32(old_len / high),
+            f32(1),
+            np.where(wavelen > f32(old_len / low), f32(factor), medium),
+        )
+        return [(_ROPE_FREQS, divisor.astype(f32))]
+
+    # GGUF -> Hugging Face: the keys this class's GGUF files hold, as a config.json.
+
+    @classmethod
+    def config_from_gguf(cls, meta: dict, shapes: dict[str, tuple[int, ...]], path) -> dict:
+        """A Hugging Face config.json for this class from a GGUF file's metadata.
+
+        Args:
+            meta: the file's metadata.
+            shapes: GGUF tensor name -> numpy shape (rows first).
+            path: the file, named in errors.
+
+        Raises:
+            MlxedgeError: a required key is missing (named), or a layout this class cannot hold.
+        """
+        return _config_from_gguf(cls, meta, shapes, path)
+
+    @classmethod
+    def attention_bias_from_gguf(cls, shapes: dict[str, tuple[int, ...]]) -> dict:
+        """Config keys that say which projections carry biases, read from the file's tensors."""
+        return {"attention_bias": "blk.0.attn_q.bias" in shapes, "mlp_bias": False}
+
+
+def _config_from_gguf(cls, meta: dict, shapes: dict, path) -> dict:
+    import logging
+
+    from ..formats.gguf_tokenizer import TokenizerKeys
+
+    log = logging.getLogger(__name__)
+    arch_name = gguf.MODEL_ARCH_NAMES[cls.gguf_arch]
+
+    def key(template: str) -> str:
+        return template.format(arch=arch_name)
+
+    def need(template: str) -> Any:
+        value = meta.get(key(template))
+        if value is None:
+            raise MlxedgeError(f"missing metadata key {key(template)}", path=path)
+        return value
+
+    def per_layer(value: Any, name: str) -> int:
+        if isinstance(value, list):  # head counts may be stored per layer
+            if len(set(value)) != 1:
+                raise MlxedgeError(f"per-layer {name} values differ; not supported", path=path)
+            value = value[0]
+        return int(value)
+
+    llm, attn, rope = gguf.Keys.LLM, gguf.Keys.Attention, gguf.Keys.Rope
+    hidden = int(need(llm.EMBEDDING_LENGTH))
+    n_head = per_layer(need(attn.HEAD_COUNT), key(attn.HEAD_COUNT))
+    n_kv = per_layer(meta.get(key(attn.HEAD_COUNT_KV), n_head), key(attn.HEAD_COUNT_KV))
+    head_dim = int(meta.get(key(attn.KEY_LENGTH)) or hidden // n_head)
+    rope_dim = meta.get(key(rope.DIMENSION_COUNT))
+    if rope_dim is not None and int(rope_dim) != head_dim:
+        raise MlxedgeError(
+            f"partial rotary ({key(rope.DIMENSION_COUNT)} = {rope_dim}, head size {head_dim}) "
+            "is not supported",
+            path=path,
+        )
+    tokens = meta.get(TokenizerKeys.TOKENS)
+    if tokens is None:
+        raise MlxedgeError(f"missing metadata key {TokenizerKeys.TOKENS}", path=path)
+    vocab_size = len(tokens)
+    embedding = shapes.get("token_embd.weight")
+    if embedding is None:
+        raise MlxedgeError("tensor token_embd.weight is missing", path=path)
+    if embedding[0] != vocab_size:
+        # mlx-lm sizes the embedding from vocab_size, so the tensor wins.
+        log.warning("%s: %d tokens but %d embedding rows; using %d",
+                    path, vocab_size, embedding[0], embedding[0])  # fmt: skip
+        vocab_size = embedding[0]
+    rope_theta = meta.get(key(rope.FREQ_BASE))
+    if rope_theta is None:
+        log.warning("%s: no %s; using 10000, llama.cpp's default", path, key(rope.FREQ_BASE))
+        rope_theta = 10000.0
+    config: dict[str, Any] = {
+        "model_type": cls.model_type,
+        "architectures": [cls.hf_class],
+        "hidden_size": hidden,
+        "intermediate_size": int(need(llm.FEED_FORWARD_LENGTH)),
+        "num_hidden_layers": int(need(llm.BLOCK_COUNT)),
+        "num_attention_heads": n_head,
+        "num_key_value_heads": n_kv,
+        "head_dim": head_dim,
+        "rms_norm_eps": _decimal(need(attn.LAYERNORM_RMS_EPS)),
+        "rope_theta": _decimal(rope_theta),
+        "max_position_embeddings": int(need(llm.CONTEXT_LENGTH)),
+        "vocab_size": int(vocab_size),
+        "tie_word_embeddings": "output.weight" not in shapes,
+        "torch_dtype": "float32",
+        "hidden_act": "silu",
+        **cls.attention_bias_from_gguf(shapes),
+    }
+    kind = meta.get(rope.SCALING_TYPE.format(arch=arch_name))
+    factor = meta.get(rope.SCALING_FACTOR.format(arch=arch_name))
+    if kind not in (None, "none") and factor is not None:
+        scaling: dict[str, Any] = {"type": kind, "rope_type": kind, "factor": _decimal(factor)}
+        original = meta.get(rope.SCALING_ORIG_CTX_LEN.format(arch=arch_name))
+        if original is not None:
+            scaling["original_max_position_embeddings"] = int(original)
+        config["rope_scaling"] = scaling
+    for role, meta_key in (("bos", TokenizerKeys.BOS_ID), ("eos", TokenizerKeys.EOS_ID)):
+        if (tid := meta.get(meta_key)) is not None:
+            config[f"{role}_token_id"] = int(tid)
+    return config
+
+
+def _decimal(value: Any) -> float:
+    """A float32 metadata value as the shortest decimal that reads back to it (1e-05, not
+    9.999999747378752e-06), which is how the source config.json wrote it."""
+    return float(str(np.float32(value)))

@@ -1,18 +1,35 @@
-"""Qwen3: the llama layout plus per-head RMSNorms on queries and keys, and an explicit head_dim."""
+"""Qwen3: the Qwen2 decoder without q/k/v biases, with per-head RMSNorms on queries and keys
+(before the rotary), and a head size of its own (`head_dim`, 128 by default, not hidden / heads).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import gguf
 
-from .base import LlamaFamily
+from .qwen2 import Qwen2
 
 
-@dataclass(frozen=True)
-class Qwen3(LlamaFamily):
+class Qwen3(Qwen2):
     """model_type "qwen3"."""
 
     model_type = "qwen3"
-    required_keys = LlamaFamily.required_keys + ("head_dim",)
+    hf_class = "Qwen3ForCausalLM"
+    gguf_arch = gguf.MODEL_ARCH.QWEN3
+    defaults = Qwen2.defaults | {"max_position_embeddings": 40960, "head_dim": 128}
 
-    def extra_layer_tensors(self) -> tuple[str, ...]:
-        return ("self_attn.q_norm.weight", "self_attn.k_norm.weight")
+    def _head_dim(self) -> int:
+        return self._int("head_dim")
+
+    def _biases(self) -> tuple[bool, bool, bool]:
+        attention = bool(self.config.get("attention_bias", False))
+        return attention, attention, False
+
+    def _qk_norm(self) -> bool:
+        return True
+
+    def llama_cpp_is_70b(self) -> bool:
+        return False  # llama.cpp's qwen3 has no 70B type
+
+    @classmethod
+    def attention_bias_from_gguf(cls, shapes: dict) -> dict:
+        return {"attention_bias": False, "mlp_bias": False}

@@ -24,25 +24,19 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as QType
 
-from ..archs import Role, arch_for
+from ..archs import Architecture, Role, TensorEntry, arch_for
 from ..atomic import atomic_file, mark_gguf
 from ..errors import MlxedgeError, non_finite
 from ..model import BLOCK_WEIGHTS
 from .ggml_blocks import TYPES, quantize_rows
 from .gguf_mix import FLOAT_TYPES, MIXES, TYPE_BITS, Mix, ModelShape, mix_named, tensor_type
-from .gguf_names import gguf_tensor_name, permute_qk
 from .gguf_repack import REPACKABLE, repack, repackable
 from .gguf_vocab import add_tokenizer
 
 log = logging.getLogger(__name__)
 
-# llama-style rotary (rotate-half in Hugging Face) is stored permuted for llama.cpp's "norm" rope;
-# qwen2/qwen3 use llama.cpp's "neox" rope, which reads Hugging Face's order as it is.
-_PERMUTED = {"llama": True, "mistral": True, "qwen2": False, "qwen3": False}
-_GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 # MLX bit widths that have no lossless ggml form go to the nearest block type (re-quantized).
 _NEAREST = {2: "Q2_K", 3: "Q3_K", 6: "Q6_K", 8: "Q8_0"}
-_ROPE_FREQS = "rope_freqs.weight"
 _FLOAT_TYPE_OF = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}  # TensorInfo dtypes
 
 
@@ -53,6 +47,7 @@ class TensorPlan:
     Attributes:
         source: the Hugging Face name it is read from (None for tensors computed here).
         name: the GGUF name.
+        entry: the architecture's table row of the source tensor.
         shape: numpy shape (rows, cols) of the weights it holds.
         type_name: ggml type ("F32", "Q4_K", ...).
         repack: carried over from MLX codes without re-quantizing.
@@ -66,6 +61,7 @@ class TensorPlan:
     name: str
     shape: tuple[int, ...]
     type_name: str
+    entry: TensorEntry | None = None  # the architecture's row (None for computed tensors)
     repack: bool = False
     requantized_from: int | None = None
     nbytes: int = 0
@@ -110,85 +106,10 @@ def _nbytes(type_name: str, shape: tuple[int, ...]) -> int:
     return n // t.block_size * t.type_size
 
 
-def _head_dim(config: dict) -> int:
-    return int(config.get("head_dim") or 0) or (
-        int(config["hidden_size"]) // int(config["num_attention_heads"])
-    )
-
-
-def _head_counts(config: dict) -> tuple[int, int]:
-    """(query heads, key/value heads); a config without the latter has no grouped attention."""
-    n_head = int(config["num_attention_heads"])
-    return n_head, int(config.get("num_key_value_heads") or n_head)
-
-
-def _model_shape(config: dict, gguf_arch: str, tied: bool) -> ModelShape:
-    n_head, n_kv = _head_counts(config)
-    return ModelShape(
-        n_layer=int(config["num_hidden_layers"]), n_head=n_head, n_head_kv=n_kv,
-        arch=gguf_arch, tied=tied,
-    )  # fmt: skip
-
-
-def _rope_freqs(config: dict, head_dim: int) -> np.ndarray | None:
-    """llama.cpp's per-frequency divisors for Llama 3.1-style rope scaling, else None."""
-    scaling = config.get("rope_scaling") or {}
-    if scaling.get("rope_type", scaling.get("type")) != "llama3":
-        return None
-    factor = float(scaling.get("factor", 8.0))
-    low = float(scaling.get("low_freq_factor", 1.0))
-    high = float(scaling.get("high_freq_factor", 4.0))
-    old_len = float(scaling.get("original_max_position_embeddings", 8192))
-    theta = float(config.get("rope_theta", 10000.0))
-    # float32 throughout, in the order llama.cpp's converter computes it, so both write the same
-    # bytes (a float64 computation differs in the last bits of a few factors)
-    f32 = np.float32
-    inv = f32(1) / f32(theta) ** (np.arange(0, head_dim, 2, dtype=f32) / f32(head_dim))
-    wavelen = f32(2 * math.pi) / inv
-    smooth = (f32(old_len) / wavelen - f32(low)) / f32(high - low)
-    medium = f32(1) / ((f32(1) - smooth) / f32(factor) + smooth)
-    divisor = np.where(
-        wavelen < f32(old_len / high),
-        f32(1),
-        np.where(wavelen > f32(old_len / low), f32(factor), medium),
-    )
-    return divisor.astype(f32)
-
-
-def _add_hyperparameters(writer: gguf.GGUFWriter, config: dict, gguf_arch: str) -> None:
-    c = config
-    n_head, n_kv = _head_counts(c)
-    head_dim = _head_dim(c)
-    writer.add_context_length(int(c.get("max_position_embeddings", 2048)))
-    writer.add_embedding_length(int(c["hidden_size"]))
-    writer.add_block_count(int(c["num_hidden_layers"]))
-    writer.add_feed_forward_length(int(c["intermediate_size"]))
-    writer.add_head_count(n_head)
-    writer.add_head_count_kv(n_kv)
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
-    if gguf_arch == "llama":
-        writer.add_rope_dimension_count(head_dim)
-        writer.add_vocab_size(int(c["vocab_size"]))
-    writer.add_rope_freq_base(float(c.get("rope_theta", 10000.0)))
-    writer.add_layer_norm_rms_eps(float(c.get("rms_norm_eps", 1e-6)))
-    scaling = c.get("rope_scaling") or {}
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind == "linear":
-        if not isinstance(scaling.get("factor"), (int, float)):
-            raise MlxedgeError(
-                "linear rope scaling without a numeric factor",
-                path="config.json",
-                fix="set rope_scaling.factor",
-            )
-        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(float(scaling["factor"]))
-    elif kind not in ("default", "llama3", None):
-        raise MlxedgeError(
-            f"rope scaling {kind!r} cannot be exported to GGUF yet",
-            path="config.json",
-            fix="supported: no scaling, 'linear' and 'llama3'",
-        )
+def _model_shape(arch: Architecture) -> ModelShape:
+    s = arch.spec
+    return ModelShape(n_layer=s.n_layers, n_head=s.n_heads, n_head_kv=s.n_kv_heads,
+                      is_70b=arch.llama_cpp_is_70b(), tied=s.tied)  # fmt: skip
 
 
 def plan_tensors(model, mix: Mix | None, pure: bool = False) -> tuple[list[TensorPlan], list[str]]:
@@ -200,24 +121,19 @@ def plan_tensors(model, mix: Mix | None, pure: bool = False) -> tuple[list[Tenso
         pure: every quantizable tensor gets the mix's default type (llama-quantize --pure).
     """
     arch = arch_for(model.config, "config.json")
-    gguf_arch = _GGUF_ARCH[arch.model_type]
     infos = [i for i in model.weights.infos() if arch.role(i.name) != Role.DROP]
-    tied = not any(i.name == "lm_head.weight" for i in infos)
-    shape = _model_shape(model.config, gguf_arch, tied)
+    shape = _model_shape(arch)
     quantized = getattr(model.weights, "scheme", lambda name: None)
     plans: list[TensorPlan] = []
     requantized: dict[int, int] = {}
     for info in infos:
-        name = gguf_tensor_name(info.name)
-        if name is None:
-            raise MlxedgeError(f"no GGUF name for tensor {info.name!r}", path=model.name)
-        role = arch.role(info.name)
-        plan = TensorPlan(info.name, name, tuple(info.shape), "F32")
+        entry = arch.entry(info.name)
+        plan = TensorPlan(info.name, entry.gguf_name, tuple(info.shape), "F32", entry)
         scheme = quantized(info.name)
-        if role in (Role.NORM, Role.BIAS) or len(info.shape) < 2:
+        if entry.role in (Role.NORM, Role.BIAS) or len(info.shape) < 2:
             pass
         elif mix is not None:
-            plan.type_name = tensor_type(mix, name, info.shape, shape, pure)
+            plan.type_name = tensor_type(mix, entry, info.shape, shape, pure)
             if scheme is not None:
                 requantized[scheme.bits] = requantized.get(scheme.bits, 0) + 1
         elif scheme is None:  # a float tensor of an MLX folder keeps its dtype
@@ -226,14 +142,13 @@ def plan_tensors(model, mix: Mix | None, pure: bool = False) -> tuple[list[Tenso
             plan.type_name, plan.repack = REPACKABLE[scheme.bits], True
         else:
             t = _NEAREST.get(scheme.bits, "Q8_0")
-            plan.type_name = tensor_type(Mix(t, 0, t), name, info.shape, shape, pure=True)
+            plan.type_name = tensor_type(Mix(t, 0, t), entry, info.shape, shape, pure=True)
             plan.requantized_from = scheme.bits
             requantized[scheme.bits] = requantized.get(scheme.bits, 0) + 1
         plan.nbytes = _nbytes(plan.type_name, plan.shape)
         plans.append(plan)
-    head_dim = _head_dim(model.config)
-    if _rope_freqs(model.config, head_dim) is not None:
-        plans.append(TensorPlan(None, _ROPE_FREQS, (head_dim // 2,), "F32", nbytes=head_dim * 2))
+    for name, values in arch.gguf_computed_tensors():
+        plans.append(TensorPlan(None, name, values.shape, "F32", nbytes=values.nbytes))
     warnings = []
     for bits, count in sorted(requantized.items()):
         how = f"to {mix.name}" if mix is not None else "to the nearest ggml type"
@@ -272,15 +187,10 @@ def _encode(w: np.ndarray, type_name: str) -> np.ndarray:
     return quantize_rows(w, type_name)
 
 
-def _convert(plan: TensorPlan, model, n_head: int, n_kv: int, permuted: bool) -> np.ndarray:
+def _convert(plan: TensorPlan, model, computed: dict[str, np.ndarray]) -> np.ndarray:
     """The bytes (or float array) of one planned tensor, in llama.cpp's row order."""
     if plan.source is None:
-        return _rope_freqs(model.config, plan.shape[0] * 2)
-    heads = None
-    if permuted and plan.source.endswith(("q_proj.weight", "q_proj.bias")):
-        heads = n_head
-    elif permuted and plan.source.endswith(("k_proj.weight", "k_proj.bias")):
-        heads = n_kv
+        return computed[plan.name]
     if plan.repack:
         packed = repack(model.weights.quantized(plan.source))
         if not np.isfinite(packed.max_abs_error):
@@ -313,7 +223,7 @@ def _convert(plan: TensorPlan, model, n_head: int, n_kv: int, permuted: bool) ->
             if data is None:
                 data = np.empty((rows, *part.shape[1:]), dtype=part.dtype)
             data[lo:hi] = part
-    return permute_qk(data, heads) if heads else data
+    return plan.entry.to_gguf(data)  # rows are whole blocks: permuting bytes permutes weights
 
 
 def write_gguf(
@@ -351,18 +261,17 @@ def write_gguf(
     tok_json = _tokenizer_json(model)
     config = model.config
     arch = arch_for(config, "config.json")
-    gguf_arch = _GGUF_ARCH[arch.model_type]
     plans, warnings = plan_tensors(model, mix, pure)
+    computed = dict(arch.gguf_computed_tensors())
     file_type = mix.file_type if mix is not None else _dominant_file_type(plans)
     pre = pre_tokenizer or model.gguf_metadata.get("tokenizer.ggml.pre")
-    n_head, n_kv = _head_counts(config)
     with atomic_file(Path(path), force=force, protect=[model.folder, model.gguf]) as temp:
-        writer = gguf.GGUFWriter(str(temp), gguf_arch)
+        writer = gguf.GGUFWriter(str(temp), arch.gguf_arch_name)
         try:
             mark_gguf(writer)
             writer.add_type("model")
             writer.add_name(model.name)
-            _add_hyperparameters(writer, config, gguf_arch)
+            arch.add_gguf_hyperparameters(writer)
             writer.add_file_type(file_type)
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
             adds_bos = _add_tokenizer(writer, model, tok_json, pre)
@@ -374,7 +283,7 @@ def write_gguf(
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
             for p in plans:
-                data = _convert(p, model, n_head, n_kv, _PERMUTED[arch.model_type])
+                data = _convert(p, model, computed)
                 writer.write_tensor_data(np.ascontiguousarray(data))
                 if on_tensor is not None:
                     on_tensor(p)

@@ -9,10 +9,11 @@ export, restated here; tests/test_gguf_mix.py checks them against the types llam
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
+from ..archs import Kind, Role, TensorEntry
 from ..errors import MlxedgeError
+from ..quant.recipes import uses_more_bits
 from .ggml_blocks import TYPES
 
 
@@ -54,7 +55,6 @@ TYPE_BITS = {"F32": 32.0, "F16": 16.0, "BF16": 16.0} | {
 }
 # Where a row does not divide into a type's blocks, llama.cpp substitutes a 32-weight type.
 _FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
-_LAYER = re.compile(r"blk\.(\d+)\.")
 
 
 def mix_named(name: str) -> Mix:
@@ -72,11 +72,6 @@ def _block_size(type_name: str) -> int:
     return 1 if type_name in FLOAT_TYPES else TYPES[type_name].block_size
 
 
-def _use_more_bits(i: int, n: int) -> bool:
-    # The first and last eighth of the layers, and every third layer between them.
-    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
-
-
 @dataclass(frozen=True)
 class ModelShape:
     """What the mix rules look at besides a tensor's name and row length."""
@@ -84,27 +79,21 @@ class ModelShape:
     n_layer: int
     n_head: int
     n_head_kv: int
-    arch: str  # GGUF architecture name
+    is_70b: bool  # llama.cpp's LLM_TYPE_70B (the architecture module knows when)
     tied: bool  # no output.weight: the token embedding is the output head too
 
-    @property
-    def is_70b(self) -> bool:
-        # llama.cpp's LLM_TYPE_70B for the architectures we write: 80 layers (llama with GQA).
-        return self.n_layer == 80 and (self.arch == "qwen2" or self.n_head != self.n_head_kv)
 
-
-def _impl_type(mix: Mix, name: str, row: int, shape: ModelShape) -> str:
+def _impl_type(mix: Mix, entry: TensorEntry, row: int, shape: ModelShape) -> str:
     """llama.cpp's per-tensor choice before the row-length fall-back."""
     m, default = mix.name, mix.default
-    layer = _LAYER.match(name)
-    i = int(layer.group(1)) if layer else 0
+    i = entry.layer or 0
     n = shape.n_layer
-    is_output = name == "output.weight" or (shape.tied and name == "token_embd.weight")
+    is_output = entry.kind == Kind.OUTPUT or (shape.tied and entry.kind == Kind.TOKEN_EMBD)
     if is_output:
         if row % _block_size(default) or default == "Q8_0":
             return "Q8_0"
         return "Q6_K"
-    if ".attn_v." in name:
+    if entry.kind == Kind.ATTN_V:
         if m == "Q2_K":
             t = "Q4_K" if shape.n_head // shape.n_head_kv >= 4 else "Q3_K"
         elif m == "Q3_K_M":
@@ -112,7 +101,7 @@ def _impl_type(mix: Mix, name: str, row: int, shape: ModelShape) -> str:
         elif m == "Q3_K_L":
             t = "Q5_K"
         elif m in ("Q4_K_M", "Q5_K_M"):
-            t = "Q6_K" if _use_more_bits(i, n) else default
+            t = "Q6_K" if uses_more_bits(i, n) else default
         elif m == "Q4_K_S":
             t = "Q5_K" if i < 4 else default
         else:
@@ -120,7 +109,7 @@ def _impl_type(mix: Mix, name: str, row: int, shape: ModelShape) -> str:
         if shape.is_70b and t in ("Q3_K", "Q4_K"):
             t = "Q5_K"
         return t
-    if ".ffn_down." in name:
+    if entry.kind == Kind.FFN_DOWN:
         if m == "Q2_K":
             return "Q3_K"
         if m == "Q3_K_M":
@@ -128,29 +117,30 @@ def _impl_type(mix: Mix, name: str, row: int, shape: ModelShape) -> str:
         if m == "Q3_K_L":
             return "Q5_K"
         if m in ("Q4_K_M", "Q5_K_M"):
-            return "Q6_K" if _use_more_bits(i, n) else default
+            return "Q6_K" if uses_more_bits(i, n) else default
         if m == "Q4_K_S":
             return "Q5_K" if i < n // 8 else default
         return default
-    if ".attn_output." in name:
+    if entry.kind == Kind.ATTN_OUT:
         return {"Q2_K": "Q3_K", "Q3_K_M": "Q4_K", "Q3_K_L": "Q5_K"}.get(m, default)
     return default
 
 
 def tensor_type(
-    mix: Mix, name: str, shape: tuple[int, ...], model: ModelShape, pure: bool = False
+    mix: Mix, entry: TensorEntry, shape: tuple[int, ...], model: ModelShape, pure: bool = False
 ) -> str:
-    """The ggml type of GGUF tensor `name` (numpy `shape`, rows last) in a `mix` file.
+    """The ggml type of a tensor (numpy `shape`, rows last) in a `mix` file.
 
-    One-dimensional tensors and norms stay F32, as llama.cpp never quantizes them. `pure` gives
-    every other tensor the mix's default type (llama-quantize --pure), fall-backs still applying.
+    One-dimensional tensors, norms and biases stay F32, as llama.cpp never quantizes them. `pure`
+    gives every other tensor the mix's default type (llama-quantize --pure), fall-backs still
+    applying.
     """
-    if len(shape) < 2 or "_norm." in name or not name.endswith(".weight"):
+    if len(shape) < 2 or entry.role in (Role.NORM, Role.BIAS):
         return "F32"
     if mix.default in FLOAT_TYPES:
         return mix.default
     row = shape[-1]
-    t = mix.default if pure else _impl_type(mix, name, row, model)
+    t = mix.default if pure else _impl_type(mix, entry, row, model)
     if row % _block_size(t):
         t = _FALLBACK.get(t, t)
         if row % _block_size(t):

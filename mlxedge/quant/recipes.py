@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from ..archs import LlamaFamily, Role
+from ..archs import Architecture, Kind, Role
 from ..errors import MlxedgeError
 from ..model import TensorInfo
 from .defaults import DEFAULT_RECIPE, RECIPES
@@ -114,7 +114,11 @@ class QuantOptions:
             AffineScheme(self.bits, self.embed_group_size)
 
 
-def _wanted(plan_role: Role, name: str, arch: LlamaFamily, opts: QuantOptions) -> int | None:
+# The tensor kinds llama.cpp's Q4_K_M gives more bits in its "more bits" layers.
+BOOSTED_KINDS = (Kind.ATTN_V, Kind.FFN_DOWN)
+
+
+def _wanted(plan_role: Role, name: str, arch: Architecture, opts: QuantOptions) -> int | None:
     """Bits the recipe wants for a tensor (None: keep in float)."""
     if plan_role in (Role.NORM, Role.BIAS, Role.DROP):
         return None
@@ -124,9 +128,10 @@ def _wanted(plan_role: Role, name: str, arch: LlamaFamily, opts: QuantOptions) -
         if is_head:
             bits = high
         else:
-            layer = arch.layer_index(name)
-            boosted = name.endswith(("self_attn.v_proj.weight", "mlp.down_proj.weight"))
-            bits = high if boosted and uses_more_bits(layer, arch.num_layers) else opts.bits
+            entry = arch.entry(name)
+            boosted = entry.kind in BOOSTED_KINDS and entry.role == Role.LINEAR
+            more = boosted and uses_more_bits(entry.layer, arch.spec.n_layers)
+            bits = high if more else opts.bits
     else:
         bits = opts.bits
     if plan_role == Role.EMBEDDING and opts.embed_bits is not None:
@@ -135,7 +140,7 @@ def _wanted(plan_role: Role, name: str, arch: LlamaFamily, opts: QuantOptions) -
 
 
 def plan_tensors(
-    arch: LlamaFamily, infos: list[TensorInfo], opts: QuantOptions
+    arch: Architecture, infos: list[TensorInfo], opts: QuantOptions
 ) -> list[TensorPlan]:
     """Decide each tensor's scheme.
 
