@@ -544,3 +544,22 @@ def test_names_and_row_order_map_both_ways(model_type: str) -> None:
         assert q.to_gguf(rows)[:4, 0].tolist() == rows[[0, 8, 1, 9], 0].tolist()
     else:  # "neox" rotary: Hugging Face's order as it is
         assert np.array_equal(q.to_gguf(rows), rows)
+
+
+def test_a_row_block_dequantizes_only_its_rows(smollm2: SourceModel, monkeypatch) -> None:
+    from mlxedge.formats import gguf_import
+
+    seen = []
+
+    def counting(data, qtype):
+        seen.append(data.shape[0])
+        return dequantize(data, qtype)
+
+    dequantize = gguf_import.dequantize
+    monkeypatch.setattr(gguf_import, "dequantize", counting)
+    name = "model.embed_tokens.weight"  # 49152 rows of Q8_0 blocks
+    block = smollm2.weights.read(name, (100, 108))
+    assert seen == [8]  # not the whole embedding once per block
+    np.testing.assert_array_equal(block, smollm2.weights.read(name)[100:108])
+    q = "model.layers.0.self_attn.q_proj.weight"  # stored permuted: read whole, then cut
+    np.testing.assert_array_equal(smollm2.weights.read(q, (0, 5)), smollm2.weights.read(q)[:5])

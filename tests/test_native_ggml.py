@@ -159,3 +159,17 @@ def test_native_on_real_weights_equals_llama_cpp(smollm2_ffn_down, name):
     """All three tensors: the native bytes are llama.cpp's reference quantizer's."""
     for w in smollm2_ffn_down:
         np.testing.assert_array_equal(quantize_rows(w, name), llama_cpp_quantize(w, name))
+
+
+def test_block_quantization_follows_the_one_thread_policy(monkeypatch):
+    from mlxedge import threads
+
+    x = np.random.default_rng(9).standard_normal((256, 2048)).astype(np.float32)
+    monkeypatch.setenv(threads.THREADS_ENV, "1")
+    one = quantize_rows(x, "Q4_K")
+    monkeypatch.setenv(threads.THREADS_ENV, "3")
+    assert threads.thread_count() == 3
+    three = quantize_rows(x, "Q4_K")
+    if ggml_blocks.native_available():
+        assert threads.pool_size() == 3  # not a fixed 2, whatever the machine
+    np.testing.assert_array_equal(one, three)  # blocks are independent: the same bytes

@@ -25,14 +25,12 @@ quantization backend.
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
-from ..threads import thread_count
+from ..threads import parallel_map, thread_count
 
 try:  # optional: the install builds it where a C compiler exists
     from . import _ggml_quants
@@ -41,8 +39,6 @@ except ImportError:  # pragma: no cover - exercised only where the extension did
 
 NATIVE_ENV = "MLXEDGE_NATIVE"  # the same switch as mlxedge.quant.backend
 _NATIVE_MIN_SPLIT = 1 << 18  # weights: below this one call is faster than a thread hand-off
-_pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
 
 BLOCK = 32
 
@@ -602,7 +598,6 @@ def native_available() -> bool:
 def _native_rows(x: np.ndarray, t: BlockType) -> np.ndarray:
     """The native kernel over row chunks on `thread_count()` threads (it releases the GIL). Every
     block is quantized on its own, so the chunking never changes a byte."""
-    global _pool
     x = np.ascontiguousarray(x, dtype=np.float32)
     rows, cols = x.shape
     out = np.empty((rows, cols // t.block_size * t.type_size), dtype=np.uint8)
@@ -620,10 +615,7 @@ def _native_rows(x: np.ndarray, t: BlockType) -> np.ndarray:
         return out
     n_chunks = min(rows, 4 * threads)  # a few per thread, so an uneven load evens out
     bounds = np.linspace(0, rows, n_chunks + 1).astype(int)
-    with _pool_lock:  # created once, even when two threads quantize at the same time
-        if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ggml-quant")
-    list(_pool.map(run, zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True)))
+    parallel_map(run, zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True))
     return out
 
 

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import ml_dtypes
 import numpy as np
 
 from ..errors import MlxedgeError
-from ..threads import thread_count
+from ..threads import parallel_map, thread_count
 from . import schemes
 from .defaults import METHODS
 from .schemes import AffineScheme, QuantizedTensor
@@ -104,12 +103,10 @@ def active_backend(method: str = "rtn") -> str:
 _NATIVE_DTYPES = {"float32": 0, "float16": 1, "bfloat16": 2}
 _NATIVE_METHODS = {"rtn": 0, "mse": 1, "mse-zero": 2}
 _NATIVE_CHUNK = 1 << 13  # groups per task: small enough to balance, large enough to amortize
-_pool: ThreadPoolExecutor | None = None
 
 
 def _native_quantize(w: np.ndarray, scheme: AffineScheme, dtype: str, method: str):
     """The native kernel over chunks of groups on every core (it releases the GIL)."""
-    global _pool
     if w.dtype.name not in _NATIVE_DTYPES:
         w = w.astype(np.float32)
     w = np.ascontiguousarray(w)
@@ -139,12 +136,7 @@ def _native_quantize(w: np.ndarray, scheme: AffineScheme, dtype: str, method: st
         return -1 if bad < 0 else start + bad
 
     starts = range(0, n_groups, _NATIVE_CHUNK)
-    if len(starts) == 1:
-        bad = [run(0)]
-    else:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=thread_count())
-        bad = list(_pool.map(run, starts))
+    bad = parallel_map(run, starts)
     first_bad = min((b for b in bad if b >= 0), default=-1)
     if first_bad >= 0:
         raise NonFiniteWeights(first_bad * gs // cols)

@@ -13,14 +13,13 @@ Layout (what `mx.quantize` writes and `mx.dequantize` / `nn.QuantizedLinear` rea
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import ml_dtypes
 import numpy as np
 
 from ..errors import MlxedgeError
-from ..threads import thread_count
+from ..threads import parallel_map
 from .defaults import METHODS
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
@@ -343,9 +342,8 @@ def quantize(
     else:
         # numpy releases the GIL inside its loops, so chunks searched on threads use every core.
         chunks = [groups[i : i + _CHUNK_GROUPS] for i in range(0, len(groups), _CHUNK_GROUPS)]
-        with ThreadPoolExecutor(max_workers=thread_count()) as pool:
-            search = _SEARCHES[method]
-            parts = list(pool.map(lambda c: search(c, scheme, out_dtype), chunks))
+        search = _SEARCHES[method]
+        parts = parallel_map(lambda c: search(c, scheme, out_dtype), chunks)
         q = np.concatenate([p[0] for p in parts])
         scale = np.concatenate([p[1] for p in parts])
         bias = np.concatenate([p[2] for p in parts])
