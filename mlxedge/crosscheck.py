@@ -133,32 +133,20 @@ def protocol_for(
     return full_protocol(ids, ctx, bos, max_windows, text)
 
 
-class _Memo:
-    """Logits of one backend, remembered per (protocol, sequence): the original model's logits
-    are needed once per window however many artifacts and backends are compared with it."""
-
-    def __init__(self, backend) -> None:
-        self.backend = backend
-        self._cache: dict[tuple[int, int], np.ndarray] = {}
-
-    def logits(self, protocol: Protocol, i: int) -> np.ndarray:
-        key = (id(protocol), i)
-        if key not in self._cache:
-            out = self.backend.logits(protocol.sequences[i], protocol.first)
-            self._cache[key] = out[:-1]  # the last position has no next token in the sequence
-        return self._cache[key]
-
-
-def _score(
-    run: _Memo, protocol: Protocol, against: _Memo | None, label: str, progress: Progress | None
+def score(
+    run, protocol: Protocol, against=None, label: str = "", progress: Progress | None = None
 ) -> TokenStats:
+    """One backend's figures over a protocol's windows, against another backend when given
+    (each window computed once, scored and dropped)."""
     stats = TokenStats()
     n = len(protocol.sequences)
     for i in range(n):
         if progress is not None:
             progress(label, i, n)
-        ref = against.logits(protocol, i) if against is not None else None
-        stats.add(run.logits(protocol, i), protocol.targets(i), ref)
+        seq = protocol.sequences[i]
+        ref = against.logits(seq, protocol.first)[:-1] if against is not None else None
+        # the last position has no next token in the sequence
+        stats.add(run.logits(seq, protocol.first)[:-1], protocol.targets(i), ref)
     if progress is not None:
         progress(label, n, n)
     return stats
@@ -194,8 +182,8 @@ def evaluate(
     ids = tokenize(text, tok_model.tokenizer_json, tok_model.name)
     bos = bos_id(tok_model)
     protocol = protocol_for(budget_of(run, ctx), ids, ctx, bos, max_windows, text)
-    against = _Memo(ReferenceBackend(reference)) if reference is not None else None
-    stats = _score(_Memo(run), protocol, against, candidate.name, progress)
+    against = ReferenceBackend(reference) if reference is not None else None
+    stats = score(run, protocol, against, candidate.name, progress)
     return {
         "model": candidate.name,
         "reference": reference.name if reference is not None else None,
@@ -255,6 +243,10 @@ def crosscheck(
 ) -> list[CrossRow]:
     """Every artifact on every backend: fidelity and quality gates (see the module doc).
 
+    Windows are the outer loop: each window's logits of the original, of each artifact's own
+    weights and of each backend are computed once, scored and dropped, so memory holds one
+    window of logits per model however long the text.
+
     Args:
         artifacts: the models to check.
         reference: the original model they came from.
@@ -279,33 +271,79 @@ def crosscheck(
         check_same_vocabulary(art, reference)
     ids = tokenize(text, reference.tokenizer_json, reference.name)
     bos = bos_id(reference)
+    original = original or ReferenceBackend(reference)
     protocols: dict[int | None, Protocol] = {}
-    original = _Memo(original or ReferenceBackend(reference))
-    rows = []
+    rows: list[CrossRow] = []
+    runs: list[_Run] = []  # the rows that run, with what they need
     for art in artifacts:
-        own = _Memo(ReferenceBackend(art))  # the yardstick of fidelity: same weights, numpy
+        own = ReferenceBackend(art)  # the yardstick of fidelity: same weights, numpy
         limit = max_kl if max_kl is not None else default_max_kl(art.bits)
         for name in backends:
             row = CrossRow(art.name, name, max_kl=limit)
             rows.append(row)
             try:
-                run = own.backend if name == "reference" else make_backend(name, art)
+                backend = own if name == "reference" else make_backend(name, art)
             except BackendUnavailable as e:
                 row.skipped = str(e)
                 continue
-            budget = budget_of(run, ctx)
-            if budget not in protocols:  # one per budget: memoized logits are keyed by protocol
+            budget = budget_of(backend, ctx)
+            if budget not in protocols:
                 protocols[budget] = protocol_for(budget, ids, ctx, bos, max_windows, text)
-            protocol = protocols[budget]
-            row.device, row.protocol = run.device, protocol.description
-            memo = own if name == "reference" else _Memo(run)
-            label = f"{art.name} on {name}"
-            if name != "reference":
-                row.fidelity = _score(memo, protocol, own, label + " vs its weights", progress)
-                row.fidelity = row.fidelity.summary()
-            row.fidelity_ok, row.fidelity_limit = _fidelity_ok(row.fidelity, run.tolerance)
-            row.quality = _score(memo, protocol, original, label + " vs original", progress)
-            row.quality = row.quality.summary()
-            row.quality_ok = row.quality["kl_mean"] <= limit
-        del own
+            row.device, row.protocol = backend.device, protocols[budget].description
+            runs.append(_Run(row, backend, own, protocols[budget]))
+    for protocol in protocols.values():
+        _score_windows([r for r in runs if r.protocol is protocol], protocol, original, progress)
+    for run in runs:
+        if run.backend is not run.own:
+            run.row.fidelity = run.fidelity.summary()
+        run.row.fidelity_ok, run.row.fidelity_limit = _fidelity_ok(
+            run.row.fidelity, run.backend.tolerance
+        )
+        run.row.quality = run.quality.summary()
+        run.row.quality_ok = run.row.quality["kl_mean"] <= run.row.max_kl
     return rows
+
+
+@dataclass
+class _Run:
+    """One (artifact, backend) row being scored, and what it is compared with."""
+
+    row: CrossRow
+    backend: object
+    own: ReferenceBackend  # the artifact's own weights in numpy
+    protocol: Protocol
+    fidelity: TokenStats = field(default_factory=TokenStats)
+    quality: TokenStats = field(default_factory=TokenStats)
+
+    @property
+    def label(self) -> str:
+        return f"{self.row.artifact} on {self.row.backend}"
+
+
+def _score_windows(runs: list[_Run], protocol: Protocol, original, progress) -> None:
+    """Score every run on every window of one protocol, the windows outermost."""
+    n = len(protocol.sequences)
+    for i in range(n):
+        seq, first = protocol.sequences[i], protocol.first
+        targets = protocol.targets(i)
+        # the last position has no next token in the sequence
+        reference = original.logits(seq, first)[:-1]
+        own_logits: dict[int, np.ndarray] = {}
+        for run in runs:
+            if progress is not None:
+                progress(run.label, i, n)
+            key = id(run.own)
+            if key not in own_logits:
+                own_logits[key] = run.own.logits(seq, first)[:-1]
+            mine = own_logits[key]
+            if run.backend is run.own:
+                logits = mine
+            else:
+                logits = run.backend.logits(seq, first)[:-1]
+                run.fidelity.add(logits, targets, mine)
+            run.quality.add(logits, targets, reference)
+            del logits
+        del own_logits, reference
+    if progress is not None:
+        for run in runs:
+            progress(run.label, n, n)

@@ -194,12 +194,12 @@ def test_reference_perplexity_equals_mlx_lm(tmp_path):
     backend = make_backend("mlx", model)
     assert isinstance(backend, MLXBackend)
     backend.token_budget = None  # the whole protocol on MLX's CPU backend: about a minute a window
-    from mlxedge.crosscheck import _Memo, _score, bos_id, full_protocol
+    from mlxedge.crosscheck import bos_id, full_protocol, score
     from mlxedge.texts import tokenize
 
     ids = tokenize(text, model.tokenizer_json, model.name)
     protocol = full_protocol(ids, 512, bos_id(model), 2, text)
-    theirs = _score(_Memo(backend), protocol, None, "mlx", None).summary()
+    theirs = score(backend, protocol).summary()
     assert ref["tokens"] == theirs["tokens"] == 2 * 255
     assert abs(ref["ppl"] / theirs["ppl"] - 1) < 0.005
 
@@ -240,3 +240,28 @@ def test_strict_fails_when_a_backend_is_skipped(tiny_gguf):
     assert code == 1 and "--strict" in output
     code, _, output = tiny_crosscheck(tiny_gguf, tiny_gguf, "reference", "--strict")
     assert code == 0, output
+
+
+def test_crosscheck_memory_does_not_grow_with_the_number_of_windows(tmp_path):
+    import tracemalloc
+
+    from mlxedge.crosscheck import crosscheck
+    from mlxedge.runtime.artifact import open_model
+
+    vocab = 32768  # a window of 64 tokens is 8 MiB of float32 logits per model
+    folder = make_tiny_model(tmp_path / "wide", "llama", dtype="float32", vocab=vocab)
+    model, text = open_model(str(folder)), load_text(None)
+
+    def peak(windows: int) -> int:
+        tracemalloc.start()
+        try:
+            (row,) = crosscheck([model], model, text, ("reference",), ctx=64, max_windows=windows)
+            assert row.quality["tokens"] == windows * 31
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    window = 64 * vocab * 4
+    # Keeping every window's logits of the original and of the artifact would add two windows
+    # of logits per window; scored window by window, twelve more windows add next to nothing.
+    assert peak(16) - peak(4) < 2 * window
