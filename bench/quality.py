@@ -172,10 +172,10 @@ class Baseline:
 
 def evaluate(folder: Path, baseline: Baseline) -> dict[str, dict]:
     from mlxedge.metrics import TokenStats
-    from mlxedge.runtime.artifact import open_model
     from mlxedge.runtime.reference import ReferenceModel
+    from mlxedge.source import resolve
 
-    model = open_model(str(folder))
+    model = resolve(str(folder))
     ref = ReferenceModel.from_source(model.config, model.weights)
     out = {}
     for text, p in baseline.protocols.items():
@@ -360,17 +360,17 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from mlxedge.crosscheck import full_protocol
-    from mlxedge.runtime.artifact import open_model
+    from mlxedge.source import resolve
     from mlxedge.texts import load_text, tokenize
 
     source = prepare_smollm2(str(Path(sys.executable).with_name("mlxedge")), None)
     if source is None:
         return 1
-    reference = open_model(str(source))
+    reference = resolve(str(source))
     protocols = {}
     for name, limit in (("anchors", args.windows_anchors), ("choice", args.windows_choice)):
         text = load_text(name)
-        ids = tokenize(text, reference.tokenizer_json, reference.name)
+        ids = tokenize(text, reference.tokenizer)
         protocols[name] = full_protocol(ids, 512, None, limit or None, text)
         print(f"{name}: {text.name}: {len(ids)} tokens, {protocols[name].description}")
     params = sum(int(np.prod(i.shape)) for i in reference.weights.infos())

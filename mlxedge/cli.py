@@ -318,7 +318,7 @@ def _export_gguf(model, output, type_name, pure, pre_tokenizer, ollama, revision
     """Shared by `export gguf` and `quantize --format gguf`: write, show progress, report."""
     from .formats.gguf_export import write_gguf
     from .formats.gguf_mix import mix_named
-    from .runtime.artifact import open_model
+    from .source import resolve
 
     if type_name is not None:
         type_name = mix_named(type_name).name  # unknown names fail before any work
@@ -336,14 +336,14 @@ def _export_gguf(model, output, type_name, pure, pre_tokenizer, ollama, revision
 
     if output is not None:  # before any download or conversion
         check_outputs(Path(output), [local_path(model)])
-    runnable = open_model(model, revision)
-    sources = (runnable.folder, runnable.gguf)
-    if runnable.kind != "mlx" and type_name is None:
+    source = resolve(model, revision)
+    sources = (source.path,)
+    if source.kind != "mlx" and type_name is None:
         type_name = "Q4_K_M"
-    if runnable.kind == "mlx" and type_name is None and pure:
+    if source.kind == "mlx" and type_name is None and pure:
         raise MlxedgeError("--pure needs --type", fix="e.g. --type Q4_K_S --pure")
     if output is None:  # <model>-<TYPE>.gguf, or <folder>.gguf for an MLX folder's own precision
-        output = f"{runnable.name}-{type_name}.gguf" if type_name else f"{runnable.name}.gguf"
+        output = f"{source.name}-{type_name}.gguf" if type_name else f"{source.name}.gguf"
     output = Path(output)
     check_outputs(output, sources)
     with _progress() as progress:
@@ -357,7 +357,7 @@ def _export_gguf(model, output, type_name, pure, pre_tokenizer, ollama, revision
             progress.advance(state["task"], plan.params)
 
         report = write_gguf(
-            runnable,
+            source,
             output,
             type_name,
             pre_tokenizer=pre_tokenizer,
@@ -373,7 +373,7 @@ def _export_gguf(model, output, type_name, pure, pre_tokenizer, ollama, revision
         from .formats.ollama import write_modelfile
 
         modelfile, warnings = write_modelfile(
-            output, runnable.tokenizer_config, report.adds_bos, force=force, protect=sources
+            output, source.tokenizer.config, report.adds_bos, force=force, protect=sources
         )
         for w in warnings:
             console.print(f"[yellow]warning:[/] {w}", soft_wrap=True)
@@ -529,14 +529,14 @@ def eval_(candidate, reference, text_spec, ctx, max_windows, backend, as_json):
     import json as json_
 
     from .crosscheck import evaluate
-    from .runtime.artifact import open_model
+    from .source import resolve
     from .texts import load_text
 
     if ctx < 16:
         raise MlxedgeError(f"--ctx {ctx} is too small", fix="use at least 16 (default 512)")
     text = load_text(text_spec)
-    cand = open_model(candidate)
-    ref = open_model(reference) if reference else None
+    cand = resolve(candidate)
+    ref = resolve(reference) if reference else None
     bar, update = _eval_progress()
     with bar:
         result = evaluate(cand, ref, text, ctx, max_windows or None, backend, update)
@@ -616,7 +616,7 @@ def crosscheck(
     import json as json_
 
     from .crosscheck import crosscheck as run_crosscheck
-    from .runtime.artifact import open_model
+    from .source import resolve
     from .texts import load_text
 
     names = tuple(b.strip() for b in backends.split(",") if b.strip())
@@ -627,8 +627,8 @@ def crosscheck(
             fix=f"choose from {', '.join(BACKENDS)}",
         )
     text = load_text(text_spec)
-    ref = open_model(reference)
-    arts = [open_model(a) for a in artifacts]
+    ref = resolve(reference)
+    arts = [resolve(a) for a in artifacts]
     bar, update = _eval_progress()
     with bar:
         rows = run_crosscheck(arts, ref, text, names, ctx, max_windows or None, max_kl, update)

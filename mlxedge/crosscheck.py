@@ -16,7 +16,6 @@ first `budget` tokens and scores every prediction in it; reports say which proto
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -24,8 +23,8 @@ import numpy as np
 
 from .errors import MlxedgeError
 from .metrics import TokenStats
+from .model import Model
 from .runtime import BACKENDS, BackendUnavailable, Tolerance, make_backend
-from .runtime.artifact import RunnableModel
 from .runtime.reference import ReferenceBackend
 from .texts import Text, tokenize, windows
 
@@ -47,31 +46,27 @@ def default_max_kl(bits: int | None) -> float:
     return DEFAULT_MAX_KL[max(fitting)] if fitting else max(DEFAULT_MAX_KL.values())
 
 
-def bos_id(model: RunnableModel) -> int | None:
+def bos_id(model: Model) -> int | None:
     """The BOS id when the model's tokenizer adds one (placed at each window's start)."""
-    cfg = model.tokenizer_config
+    cfg = model.tokenizer.config
     if not cfg.get("add_bos_token"):
         return None
     token = cfg.get("bos_token")
     if isinstance(token, dict):
         token = token.get("content")
-    if model.tokenizer_json is None or not token:
+    if model.tokenizer.raw is None or not token:
         return model.config.get("bos_token_id")
-    tok = json.loads(model.tokenizer_json)
+    tok = model.tokenizer.json
     added = {t["content"]: t["id"] for t in tok.get("added_tokens", [])}
     vocab = tok["model"]["vocab"]
     return added.get(token, vocab.get(token) if isinstance(vocab, dict) else None)
 
 
-def _vocab(model: RunnableModel) -> dict[str, int] | None:
-    if model.tokenizer_json is None:
-        return None
-    from tokenizers import Tokenizer
-
-    return Tokenizer.from_str(model.tokenizer_json.decode("utf-8")).get_vocab()
+def _vocab(model: Model) -> dict[str, int] | None:
+    return None if model.tokenizer.raw is None else model.tokenizer.hf.get_vocab()
 
 
-def check_same_vocabulary(candidate: RunnableModel, reference: RunnableModel) -> None:
+def check_same_vocabulary(candidate: Model, reference: Model) -> None:
     """Refuse to compare models whose token ids mean different things."""
     cv, rv = _vocab(candidate), _vocab(reference)
     same = (cv is None or rv is None or cv == rv) and int(candidate.config["vocab_size"]) == int(
@@ -153,8 +148,8 @@ def score(
 
 
 def evaluate(
-    candidate: RunnableModel,
-    reference: RunnableModel | None,
+    candidate: Model,
+    reference: Model | None,
     text: Text,
     ctx: int = 512,
     max_windows: int | None = None,
@@ -169,7 +164,7 @@ def evaluate(
     if reference is not None:
         check_same_vocabulary(candidate, reference)
     tok_model = reference or candidate
-    if tok_model.tokenizer_json is None:
+    if tok_model.tokenizer.raw is None:
         raise MlxedgeError(
             "the model has no tokenizer.json to tokenize the text with",
             path=tok_model.name,
@@ -179,7 +174,7 @@ def evaluate(
         run = make_backend(backend, candidate)
     except BackendUnavailable as e:
         raise MlxedgeError(f"the {backend} backend cannot run here: {e}") from None
-    ids = tokenize(text, tok_model.tokenizer_json, tok_model.name)
+    ids = tokenize(text, tok_model.tokenizer)
     bos = bos_id(tok_model)
     protocol = protocol_for(budget_of(run, ctx), ids, ctx, bos, max_windows, text)
     against = ReferenceBackend(reference) if reference is not None else None
@@ -231,8 +226,8 @@ def _fidelity_ok(stats: dict, tol: Tolerance | None) -> tuple[bool, str]:
 
 
 def crosscheck(
-    artifacts: list[RunnableModel],
-    reference: RunnableModel,
+    artifacts: list[Model],
+    reference: Model,
     text: Text,
     backends: tuple[str, ...] = BACKENDS,
     ctx: int = 512,
@@ -261,7 +256,7 @@ def crosscheck(
     Returns:
         One row per (artifact, backend), in that order.
     """
-    if reference.tokenizer_json is None:
+    if reference.tokenizer.raw is None:
         raise MlxedgeError(
             "the reference has no tokenizer.json to tokenize the text with",
             path=reference.name,
@@ -269,7 +264,7 @@ def crosscheck(
         )
     for art in artifacts:
         check_same_vocabulary(art, reference)
-    ids = tokenize(text, reference.tokenizer_json, reference.name)
+    ids = tokenize(text, reference.tokenizer)
     bos = bos_id(reference)
     original = original or ReferenceBackend(reference)
     protocols: dict[int | None, Protocol] = {}

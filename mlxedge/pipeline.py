@@ -22,7 +22,7 @@ from .atomic import atomic_output
 from .checkpoint import write_checkpoint
 from .errors import MlxedgeError, non_finite
 from .formats import mlx as mlx_format
-from .model import BLOCK_WEIGHTS, SourceModel, TensorInfo
+from .model import BLOCK_WEIGHTS, Model, TensorInfo
 from .quant import backend
 from .quant.defaults import DEFAULT_METHOD, DEFAULT_RECIPE, METHODS
 from .quant.recipes import QuantOptions, TensorPlan, plan_tensors
@@ -103,7 +103,7 @@ def _nbytes(info: TensorInfo) -> int:
     return n // block * size
 
 
-def default_dtype(source: SourceModel) -> str:
+def default_dtype(source: Model) -> str:
     """The source's own 16-bit dtype; a float32 source gets FLOAT32_SOURCE_DEFAULT."""
     stated = source.config.get("torch_dtype") or source.config.get("dtype")
     if stated in ("float16", "bfloat16"):
@@ -114,7 +114,7 @@ def default_dtype(source: SourceModel) -> str:
     return FLOAT32_SOURCE_DEFAULT
 
 
-def default_output_name(source: SourceModel, opts: QuantOptions, method: str) -> str:
+def default_output_name(source: Model, opts: QuantOptions, method: str) -> str:
     """`<model>-<bits>bit-g<group>[-<recipe>][-<method>]`, recipe and method named only when they
     are not the defaults, e.g. `SmolLM2-135M-Instruct-4bit-g64`, `...-4bit-g64-uniform-rtn`."""
     name = f"{source.name}-{opts.bits}bit-g{opts.group_size}"
@@ -156,7 +156,7 @@ def _reads(plans: list[TensorPlan]) -> Iterator[_Read]:
             yield _Read(plan, (start, start + step), start + step >= rows)
 
 
-def _read_ahead(source: SourceModel, reads: Iterator[_Read]) -> Iterator[tuple[_Read, np.ndarray]]:
+def _read_ahead(source: Model, reads: Iterator[_Read]) -> Iterator[tuple[_Read, np.ndarray]]:
     """Each read with its array; the next one is read on a thread while the caller quantizes this
     one, so reading overlaps computing. Memory holds at most two reads."""
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlxedge-read")
@@ -192,7 +192,7 @@ def _join(parts: list[tuple[QuantizedTensor, backend.QuantError]]):
 
 
 def _stream(
-    source: SourceModel,
+    source: Model,
     plans: list[TensorPlan],
     dtype: str,
     method: str,
@@ -237,7 +237,7 @@ def _stream(
 
 
 def quantize_to_mlx(
-    source: SourceModel,
+    source: Model,
     output: Path,
     opts: QuantOptions,
     method: str = DEFAULT_METHOD,
@@ -269,6 +269,12 @@ def quantize_to_mlx(
     """
     if method not in METHODS:
         raise MlxedgeError(f"method {method!r} is not supported", fix=f"choose one of {METHODS}")
+    if source.quantization is not None:
+        raise MlxedgeError(
+            "this is an already-quantized MLX folder",
+            path=source.path,
+            fix="quantize from the original (unquantized) model; mlxedge inspect shows this folder",
+        )
     dtype = dtype or default_dtype(source)
     storage_dtype(dtype)
     arch = arch_for(source.config, source.origin)

@@ -1,8 +1,9 @@
-"""Resolve what the user passed as MODEL into a `SourceModel`.
+"""Resolve what the user passed as MODEL into a `Model`: the one loader every command uses.
 
 MODEL is one of: `smollm2` (the embedded default model), a `.gguf` file, a Hugging Face folder,
-or a Hub id (`org/name`, fetched into the Hugging Face cache; `HF_HUB_OFFLINE` and `HF_TOKEN` are
-honoured by huggingface_hub itself).
+an MLX folder (one with a `quantization` block in its config), or a Hub id (`org/name`, fetched
+into the Hugging Face cache; `HF_HUB_OFFLINE` and `HF_TOKEN` are honoured by huggingface_hub
+itself).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 from .archs import arch_for
 from .checkpoint import HFCheckpoint
 from .errors import MlxedgeError
-from .model import SourceModel
+from .model import Model, Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -42,19 +43,20 @@ _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 _QUANTIZED_TENSOR_SUFFIXES = (".scales", ".qweight", ".qzeros", ".weight_scale", ".g_idx")
 
 
-def resolve(model: str, revision: str | None = None) -> SourceModel:
-    """Turn MODEL into a source model.
+def resolve(model: str, revision: str | None = None) -> Model:
+    """Open MODEL, whatever it is.
 
     Args:
-        model: `smollm2`, a `.gguf` path, a Hugging Face folder, or a Hub id.
+        model: `smollm2`, a `.gguf` path, a Hugging Face or MLX folder, or a Hub id.
         revision: a Hub branch, tag or commit (Hub ids only).
 
     Returns:
         The model, with its tensors not yet read.
 
     Raises:
-        MlxedgeError: the path is missing or unreadable, the model is already quantized, its
-            architecture is unsupported, or a Hub id cannot be fetched.
+        MlxedgeError: the path is missing or unreadable, the checkpoint is in a quantized format
+            this project does not read (GPTQ, AWQ, FP8), its architecture is unsupported, or a
+            Hub id cannot be fetched.
     """
     if model == DEFAULT_MODEL:
         from .default_model import default_model_path
@@ -63,6 +65,8 @@ def resolve(model: str, revision: str | None = None) -> SourceModel:
         # The GGUF's own general.name describes a training run; name the published model instead.
         model_.name, model_.origin = "SmolLM2-135M-Instruct", DEFAULT_MODEL
         model_.base_model = "HuggingFaceTB/SmolLM2-135M-Instruct"
+        # Presented as the original model, not as the Q4_1 file it ships as.
+        model_.kind, model_.bits = "builtin", None
         return model_
     path = Path(model).expanduser()
     if path.suffix.lower() == ".gguf":
@@ -100,7 +104,7 @@ def local_path(model: str) -> Path | None:
     return path if os.path.lexists(path) else None
 
 
-def _from_gguf(path: Path) -> SourceModel:
+def _from_gguf(path: Path) -> Model:
     from .formats.gguf_import import load_gguf
 
     return load_gguf(path)
@@ -181,14 +185,8 @@ def read_config(folder: Path) -> dict:
     return read_json_object(folder / "config.json")
 
 
-def _refuse_quantized(folder: Path, config: dict, names: list[str]) -> None:
-    """Already-quantized checkpoints cannot be quantized again; say what to pass instead."""
-    if "quantization" in config:
-        raise MlxedgeError(
-            "this is an already-quantized MLX folder",
-            path=folder,
-            fix="quantize from the original (unquantized) model; mlxedge inspect shows this folder",
-        )
+def _refuse_foreign_quantization(folder: Path, config: dict, names: list[str]) -> None:
+    """Checkpoints quantized by other tools (GPTQ, AWQ, FP8) are not read; say what instead."""
     qc = config.get("quantization_config")
     if qc is not None or any(n.endswith(_QUANTIZED_TENSOR_SUFFIXES) for n in names):
         method = (qc or {}).get("quant_method", "a quantized format")
@@ -199,8 +197,8 @@ def _refuse_quantized(folder: Path, config: dict, names: list[str]) -> None:
         )
 
 
-def from_folder(folder: Path, origin: str, hub_id: str | None = None) -> SourceModel:
-    """Open a Hugging Face model folder.
+def from_folder(folder: Path, origin: str, hub_id: str | None = None) -> Model:
+    """Open a Hugging Face folder, or an MLX folder (its config has a `quantization` block).
 
     Args:
         folder: contains config.json and *.safetensors (sharded with an index, or not).
@@ -209,15 +207,23 @@ def from_folder(folder: Path, origin: str, hub_id: str | None = None) -> SourceM
 
     Raises:
         MlxedgeError: unreadable folder, missing/invalid config.json, unsupported architecture,
-            an already-quantized checkpoint, or missing tensors.
+            a checkpoint in another tool's quantized format, or missing tensors.
     """
-    config_path = folder / "config.json"
     config = read_config(folder)
-    weights = HFCheckpoint.from_folder(folder)
-    names = [i.name for i in weights.infos()]
-    _refuse_quantized(folder, config, names)
-    arch = arch_for(config, str(config_path))
-    missing = sorted({e.name for e in arch.tensors()} - set(names))
+    checkpoint = HFCheckpoint.from_folder(folder)
+    names = [i.name for i in checkpoint.infos()]
+    quantization = config.get("quantization") if isinstance(config, dict) else None
+    if quantization is not None:
+        from .formats.mlx import mlx_weights
+
+        weights, bits = mlx_weights(checkpoint, quantization, folder)
+        kind = "mlx"
+    else:
+        _refuse_foreign_quantization(folder, config, names)
+        weights, bits, kind = checkpoint, None, "hf"
+    arch = arch_for(config, str(folder / "config.json"))
+    available = {i.name for i in weights.infos()}
+    missing = sorted({e.name for e in arch.tensors()} - available)
     if missing:
         raise MlxedgeError(
             f"{len(missing)} tensors the config calls for are missing, e.g. {missing[0]!r}",
@@ -232,15 +238,18 @@ def from_folder(folder: Path, origin: str, hub_id: str | None = None) -> SourceM
     name = hub_id.split("/")[-1] if hub_id else folder.absolute().name  # `.`: the folder's name
     readme = side_file(folder, "README.md")
     license_id = _card_field(readme, "license") if readme is not None else None
-    return SourceModel(
+    return Model(
         name=name,
         origin=origin,
+        kind=kind,
+        path=folder,
         config=config,
         weights=weights,
-        side_files=side,
+        tokenizer=Tokenizer(side, where=str(folder / "tokenizer.json")),
+        quantization=quantization,
+        bits=bits,
         license=license_id,
         base_model=hub_id,
-        path=folder,
     )
 
 

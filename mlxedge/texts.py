@@ -76,15 +76,10 @@ def load_text(spec: str | None) -> Text:
     return Text(str(path), content)
 
 
-def tokenize(text: Text, tokenizer_json: bytes, where: str) -> list[int]:
-    """Token ids of the whole text (no special tokens; BOS is placed per window)."""
-    from tokenizers import Tokenizer
-
-    try:
-        tok = Tokenizer.from_str(tokenizer_json.decode("utf-8"))
-    except Exception as e:  # tokenizers raises bare Exceptions for malformed files
-        raise MlxedgeError(f"cannot read tokenizer.json ({e})", path=where) from None
-    return tok.encode(text.content, add_special_tokens=False).ids
+def tokenize(text: Text, tokenizer) -> list[int]:
+    """Token ids of the whole text by a `model.Tokenizer` (no special tokens; BOS is placed per
+    window)."""
+    return tokenizer.hf.encode(text.content, add_special_tokens=False).ids
 
 
 def windows(

@@ -30,10 +30,10 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.fixture(scope="session")
 def smollm2():
-    """SmolLM2 as `open_model("smollm2")` gives it (weights read lazily), once per worker."""
-    from mlxedge.runtime.artifact import open_model
+    """SmolLM2 as `resolve("smollm2")` gives it (weights read lazily), once per worker."""
+    from mlxedge.source import resolve
 
-    return open_model("smollm2")
+    return resolve("smollm2")
 
 
 @pytest.fixture(scope="session")

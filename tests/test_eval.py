@@ -181,11 +181,11 @@ def test_crosscheck_fails_a_damaged_artifact(smollm2_q4, tmp_path):
 def test_reference_perplexity_equals_mlx_lm(tmp_path):
     """SmolLM2 (float32): reference vs mlx-lm perplexity within 0.5% on two windows."""
     from mlxedge.crosscheck import evaluate
-    from mlxedge.runtime.artifact import open_model
+    from mlxedge.source import resolve
 
     folder = tmp_path / "smollm2-f32"
     assert run("import", _smollm2_gguf(), "-o", folder, "--dtype", "float32").exit_code == 0
-    model = open_model(str(folder))
+    model = resolve(str(folder))
     text = load_text(None)
     ref = evaluate(model, None, text, 512, 2, "reference")
     from mlxedge.runtime import make_backend
@@ -197,7 +197,7 @@ def test_reference_perplexity_equals_mlx_lm(tmp_path):
     from mlxedge.crosscheck import bos_id, full_protocol, score
     from mlxedge.texts import tokenize
 
-    ids = tokenize(text, model.tokenizer_json, model.name)
+    ids = tokenize(text, model.tokenizer)
     protocol = full_protocol(ids, 512, bos_id(model), 2, text)
     theirs = score(backend, protocol).summary()
     assert ref["tokens"] == theirs["tokens"] == 2 * 255
@@ -246,11 +246,11 @@ def test_crosscheck_memory_does_not_grow_with_the_number_of_windows(tmp_path):
     import tracemalloc
 
     from mlxedge.crosscheck import crosscheck
-    from mlxedge.runtime.artifact import open_model
+    from mlxedge.source import resolve
 
     vocab = 32768  # a window of 64 tokens is 8 MiB of float32 logits per model
     folder = make_tiny_model(tmp_path / "wide", "llama", dtype="float32", vocab=vocab)
-    model, text = open_model(str(folder)), load_text(None)
+    model, text = resolve(str(folder)), load_text(None)
 
     def peak(windows: int) -> int:
         tracemalloc.start()

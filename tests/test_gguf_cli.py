@@ -14,7 +14,7 @@ from tiny_models import edit_weights, make_tiny_model
 
 from mlxedge.cli import main
 from mlxedge.formats.gguf_import import load_gguf
-from mlxedge.runtime.artifact import open_model
+from mlxedge.source import resolve
 
 
 def run(*args):
@@ -51,7 +51,7 @@ def test_mlx_4bit_folder_repacks_losslessly(tiny, tmp_path, dtype):
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out).tensors}
     assert {t for n, t in types.items() if "norm" not in n} == {"Q4_1"}
     assert _file_type(out) == 3  # MOSTLY_Q4_1
-    ours = open_model(str(mlx_dir)).weights
+    ours = resolve(str(mlx_dir)).weights
     theirs = load_gguf(out).weights
     inexact = 0
     for info in ours.infos():

@@ -12,9 +12,9 @@ from tiny_models import edit_weights, make_tiny_model
 from mlxedge.formats.gguf_export import write_gguf
 from mlxedge.formats.gguf_mix import MIXES
 from mlxedge.metrics import log_softmax
-from mlxedge.runtime.artifact import open_model
 from mlxedge.runtime.llamacpp_runner import FLOAT32_TOLERANCE, QUANTIZED_TOLERANCE
 from mlxedge.runtime.reference import ReferenceModel
+from mlxedge.source import resolve
 
 pytestmark = pytest.mark.llamacpp
 
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.llamacpp
 def test_f32_export_equals_the_reference_in_llama_cpp(tmp_path, arch, tied):
     folder = make_tiny_model(tmp_path / arch, arch, tied=tied, dtype="float32",
                              head_dim=32 if arch == "qwen3" else None)  # fmt: skip
-    model = open_model(str(folder))
+    model = resolve(str(folder))
     out = tmp_path / "model.gguf"
     write_gguf(model, out, "F32")
     ids = [int(i) for i in np.random.default_rng(0).integers(0, model.config["vocab_size"], 24)]
@@ -46,11 +46,11 @@ def test_every_mix_of_every_arch_runs_in_llama_cpp_as_in_the_reference(tmp_path,
     folder = make_tiny_model(tmp_path / "m", arch, dtype="float32", hidden=256, intermediate=512,
                              heads=4, kv_heads=2, vocab=512, tied=arch != "mistral")  # fmt: skip
     out = tmp_path / "model.gguf"
-    report = write_gguf(open_model(str(folder)), out, mix)
+    report = write_gguf(resolve(str(folder)), out, mix)
     assert out.stat().st_size >= report.nbytes
     ids = list(range(10, 42))
     theirs = llama_cpp_logits(out, ids)
-    own = open_model(str(out))  # the file as gguf-py dequantizes it
+    own = resolve(str(out))  # the file as gguf-py dequantizes it
     ours = ReferenceModel.from_source(own.config, own.weights).logits(np.array(ids))
     assert np.isfinite(theirs).all() and theirs.std() > 0
     if mix == "F32":
@@ -83,7 +83,7 @@ def test_rope_scaling_is_exported_as_llama_cpp_reads_it(tmp_path, scaling):
     config = json.loads((folder / "config.json").read_text())
     config["rope_scaling"] = scaling
     (folder / "config.json").write_text(json.dumps(config))
-    model = open_model(str(folder))
+    model = resolve(str(folder))
     out = tmp_path / "model.gguf"
     write_gguf(model, out, "F32")
     ids = [int(i) for i in np.random.default_rng(1).integers(0, config["vocab_size"], 40)]

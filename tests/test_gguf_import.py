@@ -23,7 +23,7 @@ from mlxedge.default_model import default_model_path
 from mlxedge.errors import MlxedgeError
 from mlxedge.formats.gguf_import import load_gguf
 from mlxedge.formats.gguf_tokenizer import tokenizer_files_from_gguf
-from mlxedge.model import SourceModel
+from mlxedge.model import Model
 
 GPL3 = Path("/usr/share/common-licenses/GPL-3")
 
@@ -34,7 +34,7 @@ def smollm2_path() -> Path:
 
 
 @pytest.fixture(scope="module")
-def smollm2(smollm2_path: Path) -> SourceModel:
+def smollm2(smollm2_path: Path) -> Model:
     return load_gguf(smollm2_path)
 
 
@@ -75,7 +75,7 @@ def mlx_dequantized(weights: dict[str, mx.array], name: str) -> np.ndarray:
     return np.array(mx.dequantize(w, scales, biases, group_size=group_size, bits=bits))
 
 
-def test_weights_equal_mlx_gguf_reader(smollm2: SourceModel, smollm2_path: Path) -> None:
+def test_weights_equal_mlx_gguf_reader(smollm2: Model, smollm2_path: Path) -> None:
     theirs = mx.load(str(smollm2_path))
     config = smollm2.config
     heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
@@ -101,7 +101,7 @@ def test_weights_equal_mlx_gguf_reader(smollm2: SourceModel, smollm2_path: Path)
             assert np.array_equal(reference, ours), gguf_name
 
 
-def test_tensor_names_and_shapes(smollm2: SourceModel) -> None:
+def test_tensor_names_and_shapes(smollm2: Model) -> None:
     infos = {info.name: info for info in smollm2.weights.infos()}
     assert infos["model.embed_tokens.weight"].shape == (49152, 576)
     assert infos["model.embed_tokens.weight"].dtype == "Q8_0"
@@ -119,7 +119,7 @@ def test_tensor_names_and_shapes(smollm2: SourceModel) -> None:
 # Config and model facts.
 
 
-def test_config_matches_gguf_hyperparameters(smollm2: SourceModel) -> None:
+def test_config_matches_gguf_hyperparameters(smollm2: Model) -> None:
     c = smollm2.config
     assert c["model_type"] == "llama"
     assert c["architectures"] == ["LlamaForCausalLM"]
@@ -140,7 +140,8 @@ def test_config_matches_gguf_hyperparameters(smollm2: SourceModel) -> None:
     assert "rope_scaling" not in c
     assert smollm2.license == "apache-2.0"
     assert smollm2.origin == "SmolLM2-135M-Instruct.Q4_1.gguf"
-    assert smollm2.name.startswith("smollm2-135M")
+    assert smollm2.name == "SmolLM2-135M-Instruct.Q4_1"  # a GGUF file is named after itself
+    assert smollm2.kind == "gguf" and smollm2.bits == 4
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,7 +210,7 @@ def llama_cpp_smollm_encode(text: str, tokens: list[str], merges: list[str]) -> 
 
 
 @pytest.fixture(scope="module")
-def hf_tokenizer(smollm2: SourceModel, tmp_path_factory: pytest.TempPathFactory):
+def hf_tokenizer(smollm2: Model, tmp_path_factory: pytest.TempPathFactory):
     from transformers import AutoTokenizer
 
     folder = tmp_path_factory.mktemp("smollm2_tokenizer")
@@ -248,7 +249,7 @@ def test_chat_template_renders(hf_tokenizer) -> None:
     assert text.endswith("<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n")
 
 
-def test_side_files(smollm2: SourceModel) -> None:
+def test_side_files(smollm2: Model) -> None:
     files = smollm2.side_files
     config = json.loads(files["tokenizer_config.json"])
     assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
@@ -482,7 +483,7 @@ def test_header_with_absurd_counts(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_perplexity_through_mlx_lm(smollm2: SourceModel, tmp_path: Path) -> None:
+def test_perplexity_through_mlx_lm(smollm2: Model, tmp_path: Path) -> None:
     import mlx.nn as nn
     from mlx_lm import load
     from safetensors.numpy import save_file
@@ -546,7 +547,7 @@ def test_names_and_row_order_map_both_ways(model_type: str) -> None:
         assert np.array_equal(q.to_gguf(rows), rows)
 
 
-def test_a_row_block_dequantizes_only_its_rows(smollm2: SourceModel, monkeypatch) -> None:
+def test_a_row_block_dequantizes_only_its_rows(smollm2: Model, monkeypatch) -> None:
     from mlxedge.formats import gguf_import
 
     seen = []

@@ -16,7 +16,7 @@ from tiny_models import make_tiny_model
 from mlxedge.errors import MlxedgeError
 from mlxedge.formats.gguf_export import plan_tensors, write_gguf
 from mlxedge.formats.gguf_mix import MIXES, mix_named
-from mlxedge.runtime.artifact import open_model
+from mlxedge.source import resolve
 
 MIX_NAMES = [m for m in MIXES if m not in ("F32", "F16", "BF16")]
 MODELS = {
@@ -32,7 +32,7 @@ def f32_gguf(request, tmp_path_factory):
     spec = dict(MODELS[request.param])
     folder = make_tiny_model(tmp / "hf", spec.pop("arch"), layers=16, vocab=512,
                              dtype="float32", **spec)  # fmt: skip
-    model = open_model(str(folder))
+    model = resolve(str(folder))
     path = tmp / "f32.gguf"
     write_gguf(model, path, "F32")
     return model, path

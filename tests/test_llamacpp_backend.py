@@ -15,14 +15,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from llamacpp_util import llama_cpp
-from tokenizers import Tokenizer
 
 from mlxedge.crosscheck import crosscheck
 from mlxedge.formats.gguf_export import write_gguf
 from mlxedge.formats.gguf_mix import MIXES
-from mlxedge.runtime.artifact import open_model
 from mlxedge.runtime.llamacpp_runner import QUANTIZED_TOLERANCE
 from mlxedge.runtime.reference import ReferenceModel
+from mlxedge.source import resolve
 from mlxedge.texts import load_text
 
 pytestmark = pytest.mark.llamacpp
@@ -43,7 +42,7 @@ def f32_gguf(smollm2, tmp_path_factory):
 
 
 def test_f32_export_passes_the_crosscheck_at_1e_3(f32_gguf, smollm2, smollm2_reference):
-    (row,) = crosscheck([open_model(str(f32_gguf))], smollm2, load_text(None), ("llamacpp",),
+    (row,) = crosscheck([resolve(str(f32_gguf))], smollm2, load_text(None), ("llamacpp",),
                         ctx=256, max_windows=1, original=smollm2_reference)  # fmt: skip
     assert row.backend == "llamacpp" and row.skipped is None and row.passed
     assert row.fidelity["max_abs_logit"] <= 1e-3
@@ -60,7 +59,7 @@ def test_greedy_generation_agrees_with_the_reference(smollm2, f32_gguf):
     llm = lc.Llama(model_path=str(f32_gguf), n_ctx=128, logits_all=True, verbose=False,
                    n_threads=1, type_k=lc.GGML_TYPE_F32, type_v=lc.GGML_TYPE_F32)  # fmt: skip
     prompt = llm.tokenize(PROMPT.encode(), add_bos=False)
-    assert prompt == Tokenizer.from_str(smollm2.tokenizer_json.decode()).encode(PROMPT).ids
+    assert prompt == smollm2.tokenizer.hf.encode(PROMPT).ids
     theirs = []  # llama.cpp's own greedy loop
     for token in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
         theirs.append(int(token))
@@ -93,7 +92,7 @@ def test_every_mix_of_smollm2_passes_the_llamacpp_fidelity_gate(
     llama_cpp()
     path = tmp_path / f"smollm2-{mix}.gguf"
     write_gguf(smollm2, path, mix)
-    (row,) = crosscheck([open_model(str(path))], smollm2, load_text(None), ("llamacpp",),
+    (row,) = crosscheck([resolve(str(path))], smollm2, load_text(None), ("llamacpp",),
                         ctx=128, max_windows=1, original=smollm2_reference)  # fmt: skip
     assert row.skipped is None
     assert row.fidelity["kl_mean"] <= QUANTIZED_TOLERANCE.kl_mean and row.fidelity_ok

@@ -20,7 +20,7 @@ from click.testing import CliRunner
 
 from mlxedge.cli import main
 from mlxedge.formats.ollama import _jinja_render, modelfile_text
-from mlxedge.runtime.artifact import open_model
+from mlxedge.source import resolve
 
 INSTRUCTIONS = {"FROM", "PARAMETER", "TEMPLATE", "SYSTEM", "ADAPTER", "LICENSE", "MESSAGE"}
 PARAMETERS = {"num_ctx", "repeat_last_n", "repeat_penalty", "temperature", "seed", "stop",
@@ -172,7 +172,7 @@ def ollama_prompt(modelfile: dict, messages: list[dict]) -> str:
     [("smollm2", None, False), ("llama3", LLAMA3_CONFIG, True)],
 )
 def test_recognised_templates_render_like_the_model_s_own(name, config, adds_bos):
-    config = config or open_model("smollm2").tokenizer_config
+    config = config or resolve("smollm2").tokenizer.config
     text, warnings = modelfile_text("m.gguf", config, adds_bos)
     assert not warnings
     parsed = dict(parse_modelfile(text))
@@ -184,7 +184,7 @@ def test_recognised_templates_render_like_the_model_s_own(name, config, adds_bos
 
 
 def test_smollm2_modelfile_keeps_the_default_system_prompt_and_stops():
-    text, _ = modelfile_text("m.gguf", open_model("smollm2").tokenizer_config, False)
+    text, _ = modelfile_text("m.gguf", resolve("smollm2").tokenizer.config, False)
     pairs = parse_modelfile(text)
     assert (
         "SYSTEM",

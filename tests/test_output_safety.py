@@ -16,7 +16,7 @@ from pathlib import Path
 import gguf
 import pytest
 from click.testing import CliRunner
-from tiny_models import make_tiny_model
+from tiny_models import hub_cache_snapshot, make_tiny_model
 
 from mlxedge.atomic import GGUF_MARK_KEY, MARK_FILE, TEXT_MARK
 from mlxedge.cli import main
@@ -180,23 +180,6 @@ def test_side_files_linked_outside_the_folder_never_reach_an_artifact(work, capl
             assert b"PRIVATE KEY" not in p.read_bytes(), p
             assert not p.is_symlink(), p
     assert b"PRIVATE KEY" not in gguf_out.read_bytes()
-
-
-def hub_cache_snapshot(cache: Path, model: Path, repo: str = "org/tiny") -> Path:
-    """`model` laid out as huggingface_hub stores a download: snapshot files are relative links
-    into the repository's blobs/ folder, and refs/main names the snapshot."""
-    repo_dir = cache / ("models--" + repo.replace("/", "--"))
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    snap = repo_dir / "snapshots" / commit
-    (repo_dir / "blobs").mkdir(parents=True)
-    snap.mkdir(parents=True)
-    (repo_dir / "refs").mkdir()
-    (repo_dir / "refs" / "main").write_text(commit)
-    for f in sorted(model.iterdir()):
-        digest = hashlib.sha256(f.read_bytes()).hexdigest()
-        shutil.copyfile(f, repo_dir / "blobs" / digest)
-        (snap / f.name).symlink_to(Path("..", "..", "blobs", digest))
-    return snap
 
 
 def test_a_hub_cache_snapshot_keeps_its_linked_side_files(work):

@@ -14,8 +14,8 @@ from tiny_models import ARCHS, llama_1b_config, make_tiny_model
 from mlxedge.archs import arch_for
 from mlxedge.checkpoint import HFCheckpoint
 from mlxedge.cli import main
-from mlxedge.runtime.artifact import open_model
 from mlxedge.runtime.reference import ReferenceModel
+from mlxedge.source import resolve
 
 TOLERANCE = 1e-4  # max |logit difference| in float32 (issue 3)
 
@@ -103,7 +103,7 @@ def test_reference_runs_a_quantized_mlx_folder_like_mlx_lm(tmp_path, arch):
     with pytest.raises(SystemExit) as done:
         main(args)
     assert done.value.code == 0
-    model = open_model(str(out))
+    model = resolve(str(out))
     assert model.kind == "mlx" and model.bits == 4
     ref = ReferenceModel.from_source(model.config, model.weights)
     ids = ids_for(model.config)

@@ -11,7 +11,9 @@ Everything is a function of the arguments and the seed: the same call writes byt
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 from collections.abc import Iterator
 from itertools import pairwise
 from pathlib import Path
@@ -567,3 +569,20 @@ def _write_tokenizer(folder: Path) -> None:
             "pad_token": PAD_TOKEN,
         },
     )
+
+
+def hub_cache_snapshot(cache: Path, model: Path, repo: str = "org/tiny") -> Path:
+    """`model` laid out as huggingface_hub stores a download: snapshot files are relative links
+    into the repository's blobs/ folder, and refs/main names the snapshot."""
+    repo_dir = cache / ("models--" + repo.replace("/", "--"))
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snap = repo_dir / "snapshots" / commit
+    (repo_dir / "blobs").mkdir(parents=True)
+    snap.mkdir(parents=True)
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text(commit)
+    for f in sorted(model.iterdir()):
+        digest = hashlib.sha256(f.read_bytes()).hexdigest()
+        shutil.copyfile(f, repo_dir / "blobs" / digest)
+        (snap / f.name).symlink_to(Path("..", "..", "blobs", digest))
+    return snap

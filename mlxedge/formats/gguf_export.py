@@ -13,7 +13,6 @@ with a warning that says so.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Callable
@@ -116,7 +115,7 @@ def plan_tensors(model, mix: Mix | None, pure: bool = False) -> tuple[list[Tenso
     """Every tensor of the output file with its type, and the warnings the plan calls for.
 
     Args:
-        model: a `runtime.artifact.RunnableModel` (float model or MLX folder).
+        model: a `model.Model` (a float model or an MLX folder).
         mix: a llama.cpp mix; None for an MLX folder's own precision (lossless repack).
         pure: every quantizable tensor gets the mix's default type (llama-quantize --pure).
     """
@@ -236,7 +235,7 @@ def write_gguf(
     on_plan: Callable[[list[TensorPlan]], None] | None = None,
     on_tensor: Callable[[TensorPlan], None] | None = None,
 ) -> ExportReport:
-    """Write `model` (a `runtime.artifact.RunnableModel`) as the GGUF file `path`.
+    """Write `model` (a `model.Model`) as the GGUF file `path`.
 
     Args:
         type_name: a llama.cpp mix (`Q4_K_M`, `Q8_0`, `F16`, ...; see `gguf_mix.MIXES`); None
@@ -258,14 +257,20 @@ def write_gguf(
             fix="pass --type (e.g. Q4_K_M)",
         )
     mix = mix_named(type_name) if type_name is not None else None
-    tok_json = _tokenizer_json(model)
+    if model.tokenizer.raw is None:
+        raise MlxedgeError(
+            "the model has no tokenizer.json; a GGUF file must carry its tokenizer",
+            path=model.name,
+            fix="add the original model's tokenizer files to the folder",
+        )
+    tok_json = model.tokenizer.json
     config = model.config
     arch = arch_for(config, "config.json")
     plans, warnings = plan_tensors(model, mix, pure)
     computed = dict(arch.gguf_computed_tensors())
     file_type = mix.file_type if mix is not None else _dominant_file_type(plans)
     pre = pre_tokenizer or model.gguf_metadata.get("tokenizer.ggml.pre")
-    with atomic_file(Path(path), force=force, protect=[model.folder, model.gguf]) as temp:
+    with atomic_file(Path(path), force=force, protect=[model.path]) as temp:
         writer = gguf.GGUFWriter(str(temp), arch.gguf_arch_name)
         try:
             mark_gguf(writer)
@@ -302,34 +307,12 @@ def write_gguf(
     return ExportReport(Path(path), name, file_type, plans, warnings, adds_bos)
 
 
-def _tokenizer_file(model) -> Path | str:
-    """What errors about the tokenizer name: the folder's tokenizer.json, else the model."""
-    return model.folder / "tokenizer.json" if model.folder else model.name
-
-
-def _tokenizer_json(model) -> dict:
-    where = _tokenizer_file(model)
-    if model.tokenizer_json is None:
-        raise MlxedgeError(
-            "the model has no tokenizer.json; a GGUF file must carry its tokenizer",
-            path=model.name,
-            fix="add the original model's tokenizer files to the folder",
-        )
-    try:
-        tok = json.loads(model.tokenizer_json)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MlxedgeError(f"not valid JSON ({e})", path=where) from None
-    if not isinstance(tok, dict) or not isinstance(tok.get("model"), dict):
-        raise MlxedgeError("not a tokenizer.json (no 'model' object)", path=where)
-    return tok
-
-
 def _add_tokenizer(writer: gguf.GGUFWriter, model, tok_json: dict, pre: str | None) -> bool:
     """`gguf_vocab.add_tokenizer`, with its errors naming the tokenizer file."""
-    where = _tokenizer_file(model)
+    where = model.tokenizer.where
     try:
         return add_tokenizer(
-            writer, int(model.config["vocab_size"]), tok_json, model.tokenizer_config, pre
+            writer, int(model.config["vocab_size"]), tok_json, model.tokenizer.config, pre
         )
     except MlxedgeError as e:
         if e.path is not None:

@@ -1,4 +1,4 @@
-"""Import a GGUF file as a `SourceModel`: Hugging Face config, names, shapes and tokenizer files.
+"""Import a GGUF file as a `Model`: Hugging Face config, names, shapes and tokenizer files.
 
 GGUF files hold llama.cpp's view of a model, which differs from the Hugging Face checkpoint it was
 converted from in three ways this module undoes:
@@ -27,7 +27,7 @@ from mlxedge.archs import Architecture, TensorEntry, arch_for_gguf
 from mlxedge.errors import MlxedgeError
 from mlxedge.formats.gguf_reader import GGUFFile, GGUFTensor, open_gguf
 from mlxedge.formats.gguf_tokenizer import tokenizer_files_from_gguf
-from mlxedge.model import SourceModel, TensorInfo
+from mlxedge.model import Model, TensorInfo, Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -92,16 +92,16 @@ class GGUFTensorSource:
         return values if rows is None else values[rows[0] : rows[1]]
 
 
-def load_gguf(path: Path) -> SourceModel:
+def load_gguf(path: Path) -> Model:
     """Open a GGUF file as a model: HF config, lazily dequantized tensors and tokenizer files.
 
     Args:
         path: a .gguf file of an architecture `archs.GGUF_ARCHITECTURES` names.
 
     Returns:
-        A SourceModel whose weights read as float32 with Hugging Face names and shapes, whose
-        config is a Hugging Face config.json for the matching mlx-lm model class, and whose
-        side files are the rebuilt tokenizer files.
+        A Model (kind "gguf", named after the file) whose weights read as float32 with Hugging
+        Face names and shapes, whose config is a Hugging Face config.json for the matching
+        mlx-lm model class, and whose side files are the rebuilt tokenizer files.
 
     Raises:
         MlxedgeError: the file is truncated or corrupt, its architecture, a tensor type or its
@@ -129,23 +129,21 @@ def load_gguf(path: Path) -> SourceModel:
         side_files = tokenizer_files_from_gguf(metadata)
     except MlxedgeError as err:
         raise MlxedgeError(err.message, path=path, fix=err.fix) from err
-    return SourceModel(
-        name=_display_name(metadata, path),
+    from .gguf_mix import nominal_bits
+
+    return Model(
+        name=path.stem,
         origin=path.name,
+        kind="gguf",
+        path=path,
         config=config,
         weights=weights,
-        side_files=side_files,
+        tokenizer=Tokenizer(side_files, where=str(path)),
+        bits=nominal_bits(metadata.get("general.file_type")),
         license=metadata.get("general.license"),
         base_model=_base_model(metadata),
         gguf_metadata={k: v for k, v in metadata.items() if not isinstance(v, list)},
-        path=path,
     )
-
-
-def _display_name(metadata: dict[str, Any], path: Path) -> str:
-    parts = [metadata.get(f"general.{k}") for k in ("basename", "size_label", "finetune")]
-    parts = [str(p) for p in parts if p]
-    return "-".join(parts) if parts else path.stem
 
 
 def _base_model(metadata: dict[str, Any]) -> str | None:

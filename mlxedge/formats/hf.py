@@ -15,12 +15,12 @@ import numpy as np
 from ..archs import Role, arch_for
 from ..atomic import atomic_output
 from ..checkpoint import write_checkpoint
-from ..model import SourceModel, TensorInfo
+from ..model import Model, TensorInfo
 from ..quant.schemes import storage_dtype
 
 
 def write_hf_folder(
-    source: SourceModel,
+    source: Model,
     output: Path,
     dtype: str = "float32",
     force: bool = False,

@@ -1,9 +1,14 @@
-"""The MLX folder: what `mlx_lm.load` and mlx-swift-lm read as they are.
+"""The MLX folder: what `mlx_lm.load` and mlx-swift-lm read as they are; its writer's pieces and
+its reader.
 
 Contents: config.json with a `quantization` block in mlx-lm's shape (defaults plus one entry per
 module whose scheme differs), safetensors shards with their index, the tokenizer and generation
 files carried over, and a README model card. Nothing here holds a timestamp, a duration or an
 absolute path, so a rerun writes identical bytes.
+
+Read back, a folder's quantized tensors are presented dequantized to float32 (scales and biases
+cast to float32 before the product, as MLX computes), so the numpy reference runs an artifact's
+own weights exactly as they are stored.
 """
 
 from __future__ import annotations
@@ -11,10 +16,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from importlib import metadata
+from pathlib import Path
 
-from ..model import TensorInfo
+import numpy as np
+
+from ..errors import MlxedgeError
+from ..model import TensorInfo, TensorSource
 from ..quant.recipes import TensorPlan
-from ..quant.schemes import AffineScheme
+from ..quant.schemes import AffineScheme, QuantizedTensor, dequantize
 
 MODE = "affine"
 
@@ -149,3 +158,77 @@ def model_card(facts: CardFacts) -> bytes:
         "",
     ]
     return "\n".join(lines).encode()
+
+
+# ------------------------------------------------------------------------------------ reading
+
+
+class DequantizedMLX:
+    """The tensors of a quantized MLX folder, with every quantized weight dequantized on read."""
+
+    def __init__(self, checkpoint: TensorSource, quantization: dict, folder: Path) -> None:
+        self._ckpt = checkpoint
+        raw = {i.name: i for i in checkpoint.infos()}
+        self._schemes: dict[str, AffineScheme] = {}
+        infos = []
+        for name, info in raw.items():
+            module = name.rsplit(".", 1)[0]
+            quantized = module + ".scales" in raw
+            if quantized and name.endswith((".scales", ".biases")):
+                continue  # folded into the weight
+            if quantized and name.endswith(".weight"):
+                scheme = _scheme(module, quantization, folder)
+                rows, packed = info.shape
+                infos.append(TensorInfo(name, (rows, packed * 32 // scheme.bits), "float32"))
+                self._schemes[name] = scheme
+            else:
+                infos.append(info)
+        self._infos = infos
+
+    def infos(self) -> list[TensorInfo]:
+        return list(self._infos)
+
+    def scheme(self, name: str) -> AffineScheme | None:
+        """How weight `name` is quantized, or None when it is stored in float."""
+        return self._schemes.get(name)
+
+    def quantized(self, name: str, rows: tuple[int, int] | None = None) -> QuantizedTensor:
+        """The stored codes, scales and biases of quantized weight `name`."""
+        module = name[: -len(".weight")]
+        return QuantizedTensor(
+            self._ckpt.read(name, rows).view(np.uint32),
+            self._ckpt.read(module + ".scales", rows),
+            self._ckpt.read(module + ".biases", rows),
+            self._schemes[name],
+        )
+
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        if name not in self._schemes:
+            return self._ckpt.read(name, rows)
+        return dequantize(self.quantized(name, rows))
+
+
+def _scheme(module: str, quantization: dict, folder: Path) -> AffineScheme:
+    entry = quantization.get(module)
+    source = entry if isinstance(entry, dict) else quantization
+    try:
+        return AffineScheme(int(source["bits"]), int(source["group_size"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise MlxedgeError(
+            f"config.json's quantization block is unreadable for {module} ({e})",
+            path=folder / "config.json",
+        ) from None
+
+
+def mlx_weights(
+    checkpoint: TensorSource, quantization: dict, folder: Path
+) -> tuple[DequantizedMLX, int | None]:
+    """An MLX folder's tensors as float (see `DequantizedMLX`) and its default bit width.
+
+    Raises:
+        MlxedgeError: an unreadable quantization block.
+    """
+    if not isinstance(quantization, dict):
+        raise MlxedgeError("config.json's quantization is not an object", path=folder)
+    bits = quantization.get("bits")
+    return DequantizedMLX(checkpoint, quantization, folder), (int(bits) if bits else None)

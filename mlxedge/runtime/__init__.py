@@ -47,7 +47,7 @@ BACKENDS = ("reference", "mlx", "llamacpp")
 
 
 def make_backend(name: str, model) -> Backend:
-    """The backend `name` for a `RunnableModel`.
+    """The backend `name` for a `model.Model`.
 
     Raises:
         BackendUnavailable: it cannot run this model on this machine.

@@ -50,6 +50,11 @@ class ReferenceModel:
         params = {n: np.ascontiguousarray(source.read(n), dtype=np.float32) for n in names}
         return cls(arch, params)
 
+    @classmethod
+    def from_model(cls, model) -> ReferenceModel:
+        """`from_source` of a `model.Model`'s config and weights."""
+        return cls.from_source(model.config, model.weights)
+
     def logits(self, ids: Sequence[int], first: int = 0) -> np.ndarray:
         """Next-token logits at positions first..len(ids)-1 (float32, (len(ids) - first, vocab)).
 
