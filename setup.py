@@ -1,4 +1,4 @@
-"""Build the optional native kernels (mlxedge/quant/_affine.c, mlxedge/formats/_ggml_quants.c).
+"""Build the optional native kernels (mlxedge/quant/_affine.c, mlxedge/quant/_ggml_quants.c).
 
 Everything else is declared in pyproject.toml. The extensions are optional: where no C compiler is
 available the install still succeeds and mlxedge falls back to MLX ops and numpy (slower, same
@@ -17,10 +17,10 @@ setup(
             extra_compile_args=["-O3", "-ffp-contract=off", "-fno-fast-math", "-std=c11"],
             optional=True,
         ),
-        # ggml block quantizers (GGUF export), byte-identical with formats/ggml_blocks.py.
+        # ggml block quantizers (GGUF export), byte-identical with quant/ggml.py.
         Extension(
-            "mlxedge.formats._ggml_quants",
-            sources=["mlxedge/formats/_ggml_quants.c"],
+            "mlxedge.quant._ggml_quants",
+            sources=["mlxedge/quant/_ggml_quants.c"],
             extra_compile_args=["-O3", "-ffp-contract=off", "-fno-fast-math", "-std=c11"],
             optional=True,
         ),

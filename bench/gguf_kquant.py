@@ -53,7 +53,7 @@ def llama_cpp_quantize(x: np.ndarray, type_name: str) -> np.ndarray:
     """llama.cpp's bytes for ``x`` (rows, cols), without an importance matrix."""
     from gguf import GGMLQuantizationType
 
-    from mlxedge.formats.ggml_blocks import TYPES
+    from mlxedge.quant.ggml import TYPES
 
     t = TYPES[type_name]
     rows, cols = x.shape
@@ -70,7 +70,7 @@ def kquant_job(model_dir: str, name: str, rows: int | None, type_name: str) -> d
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
-    from mlxedge.formats.ggml_blocks import dequantize_rows, native_available, quantize_rows
+    from mlxedge.quant.ggml import dequantize_rows, native_available, quantize_rows
     from mlxedge.source import resolve
 
     w = resolve(model_dir).weights.read(name)  # (out, in): a row is one GGUF row
@@ -114,7 +114,7 @@ def measure_kquants(jobs: list[tuple[str, str, str, int | None, str]]) -> list[d
     a changed quantizer is re-measured. With the native kernel (two threads of its own) the jobs
     run one at a time, so that the times are not contended; the numpy path runs one per core.
     """
-    import mlxedge.formats.ggml_blocks as blocks
+    import mlxedge.quant.ggml as blocks
 
     sources = sorted(Path(blocks.__file__).parent.glob("_ggml_quants*"))
     h = hashlib.sha256(Path(blocks.__file__).read_bytes())

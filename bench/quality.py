@@ -143,7 +143,7 @@ def build(setting: Setting, source: Path) -> Path:
 
 def weights_bytes(folder: Path) -> int:
     """Bytes of tensor data in the folder's safetensors files (headers excluded)."""
-    from mlxedge.checkpoint import HFCheckpoint
+    from mlxedge.formats.hf import HFCheckpoint
 
     ckpt = HFCheckpoint.from_folder(folder)
     total = 0
@@ -188,7 +188,7 @@ def evaluate(folder: Path, baseline: Baseline) -> dict[str, dict]:
 
 def same_tensors(a: Path, b: Path) -> bool:
     """Whether two MLX folders hold byte-identical tensors (then one evaluation serves both)."""
-    from mlxedge.checkpoint import HFCheckpoint
+    from mlxedge.formats.hf import HFCheckpoint
 
     ca, cb = HFCheckpoint.from_folder(a), HFCheckpoint.from_folder(b)
     ia = {i.name: i for i in ca.infos()}

@@ -316,17 +316,17 @@ def _print_report(report) -> None:
 
 def _export_gguf(model, output, type_name, pure, pre_tokenizer, ollama, revision, force) -> None:
     """Shared by `export gguf` and `quantize --format gguf`: write, show progress, report."""
-    from .formats.gguf_export import write_gguf
-    from .formats.gguf_mix import mix_named
+    from .formats.gguf.mixes import mix_named
+    from .formats.gguf.writer import write_gguf
     from .source import resolve
 
     if type_name is not None:
         type_name = mix_named(type_name).name  # unknown names fail before any work
     if pre_tokenizer is not None:
-        from .formats.gguf_vocab import check_pre_tokenizer
+        from .formats.gguf.tokenizer_export import check_pre_tokenizer
 
         pre_tokenizer = check_pre_tokenizer(pre_tokenizer)
-    from .formats.ollama import modelfile_path
+    from .formats.gguf.ollama import modelfile_path
     from .source import local_path
 
     def check_outputs(path: Path, protect=()) -> None:
@@ -370,7 +370,7 @@ def _export_gguf(model, output, type_name, pure, pre_tokenizer, ollama, revision
         console.print(f"[yellow]warning:[/] {w}", soft_wrap=True)
     _print_gguf_report(report)
     if ollama:
-        from .formats.ollama import write_modelfile
+        from .formats.gguf.ollama import write_modelfile
 
         modelfile, warnings = write_modelfile(
             output, source.tokenizer.config, report.adds_bos, force=force, protect=sources

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import HFCheckpoint
 from .errors import MlxedgeError
+from .formats.hf import HFCheckpoint
 
 
 @dataclass
@@ -105,7 +105,7 @@ def _describe_folder(path: Path) -> Description:
 def _describe_gguf(path: Path) -> Description:
     import gguf
 
-    from .formats.gguf_reader import open_gguf
+    from .formats.gguf.reader import open_gguf
 
     file = open_gguf(path)
     meta = file.metadata
@@ -116,7 +116,7 @@ def _describe_gguf(path: Path) -> Description:
         if f"{arch}.{key}" in meta:
             facts[key] = str(meta[f"{arch}.{key}"])
     if (number := meta.get(gguf.Keys.General.FILE_TYPE)) is not None:
-        from .formats.gguf_mix import MIXES
+        from .formats.gguf.mixes import MIXES
 
         name = next((m.name for m in MIXES.values() if m.file_type == number), "other")
         facts["file_type"] = f"{name} ({number})"

@@ -19,9 +19,9 @@ import numpy as np
 
 from .archs import Role, arch_for
 from .atomic import atomic_output
-from .checkpoint import write_checkpoint
 from .errors import MlxedgeError, non_finite
 from .formats import mlx as mlx_format
+from .formats.safetensors import write_checkpoint
 from .model import BLOCK_WEIGHTS, Model, TensorInfo
 from .quant import backend
 from .quant.defaults import DEFAULT_METHOD, DEFAULT_RECIPE, METHODS

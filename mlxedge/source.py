@@ -15,8 +15,8 @@ import re
 from pathlib import Path
 
 from .archs import arch_for
-from .checkpoint import HFCheckpoint
 from .errors import MlxedgeError
+from .formats.hf import HFCheckpoint
 from .model import Model, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ def local_path(model: str) -> Path | None:
 
 
 def _from_gguf(path: Path) -> Model:
-    from .formats.gguf_import import load_gguf
+    from .formats.gguf.load import load_gguf
 
     return load_gguf(path)
 

@@ -16,7 +16,7 @@ import pytest
 from gguf import GGMLQuantizationType
 from llamacpp_data import DATA_DIR, is_complete
 
-from mlxedge.formats.ggml_blocks import TYPES
+from mlxedge.quant.ggml import TYPES
 
 
 def skip_or_fail(reason: str):

@@ -13,7 +13,7 @@ import pytest
 from tiny_models import ARCHS, make_tiny_model
 
 from mlxedge.archs import ARCHITECTURES, Kind, Role, arch_for
-from mlxedge.checkpoint import HFCheckpoint
+from mlxedge.formats.hf import HFCheckpoint
 from mlxedge.runtime.numpy_ops import NumpyOps
 from mlxedge.runtime.reference import ReferenceModel
 

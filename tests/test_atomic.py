@@ -22,8 +22,8 @@ from mlxedge.atomic import (
     mark_folder,
     mark_gguf,
 )
-from mlxedge.checkpoint import write_checkpoint
 from mlxedge.errors import MlxedgeError
+from mlxedge.formats.safetensors import write_checkpoint
 from mlxedge.model import TensorInfo
 
 

@@ -15,18 +15,18 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from mlxedge.checkpoint import (
+from mlxedge.errors import MlxedgeError
+from mlxedge.formats.hf import HFCheckpoint
+from mlxedge.formats.safetensors import (
     INDEX_NAME,
     MAX_HEADER_BYTES,
     SAFETENSORS_DTYPES,
-    HFCheckpoint,
     SafetensorsFile,
     SafetensorsWriter,
     dtype_code,
     plan_shards,
     write_checkpoint,
 )
-from mlxedge.errors import MlxedgeError
 from mlxedge.model import TensorInfo
 
 BF16 = ml_dtypes.bfloat16

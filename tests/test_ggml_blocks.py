@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, quants
 
-from mlxedge.formats import ggml_blocks
-from mlxedge.formats.ggml_blocks import TYPES, dequantize_rows, quantize_rows
+from mlxedge.quant import ggml as ggml_blocks
+from mlxedge.quant.ggml import TYPES, dequantize_rows, quantize_rows
 
 
 def hard_rows(rng: np.random.Generator) -> np.ndarray:

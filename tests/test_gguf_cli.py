@@ -13,7 +13,7 @@ from llamacpp_util import logits as llama_cpp_logits
 from tiny_models import edit_weights, make_tiny_model
 
 from mlxedge.cli import main
-from mlxedge.formats.gguf_import import load_gguf
+from mlxedge.formats.gguf.load import load_gguf
 from mlxedge.source import resolve
 
 
@@ -180,7 +180,7 @@ def test_pre_tokenizer_is_detected_and_can_be_overridden(tiny, tmp_path):
 @pytest.mark.parametrize("mix", ["Q4_K_M", "F16", "BF16"])
 def test_row_blocks_give_the_same_file(tiny, tmp_path, monkeypatch, mix):
     """Large tensors are converted in blocks of rows (memory bounded by a block): same bytes."""
-    from mlxedge.formats import gguf_export
+    from mlxedge.formats.gguf import writer as gguf_export
 
     whole = tmp_path / "whole.gguf"
     assert run("export", "gguf", tiny, "-o", whole, "--type", mix).exit_code == 0

@@ -9,8 +9,8 @@ import pytest
 from llamacpp_util import logits as llama_cpp_logits
 from tiny_models import edit_weights, make_tiny_model
 
-from mlxedge.formats.gguf_export import write_gguf
-from mlxedge.formats.gguf_mix import MIXES
+from mlxedge.formats.gguf.mixes import MIXES
+from mlxedge.formats.gguf.writer import write_gguf
 from mlxedge.metrics import log_softmax
 from mlxedge.runtime.llamacpp_runner import FLOAT32_TOLERANCE, QUANTIZED_TOLERANCE
 from mlxedge.runtime.reference import ReferenceModel

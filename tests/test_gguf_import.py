@@ -21,8 +21,8 @@ from rounding import assert_same_multiply_add
 from mlxedge.archs import ARCHITECTURES, Kind, arch_for
 from mlxedge.default_model import default_model_path
 from mlxedge.errors import MlxedgeError
-from mlxedge.formats.gguf_import import load_gguf
-from mlxedge.formats.gguf_tokenizer import tokenizer_files_from_gguf
+from mlxedge.formats.gguf.load import load_gguf
+from mlxedge.formats.gguf.tokenizer_import import tokenizer_files_from_gguf
 from mlxedge.model import Model
 
 GPL3 = Path("/usr/share/common-licenses/GPL-3")
@@ -548,7 +548,7 @@ def test_names_and_row_order_map_both_ways(model_type: str) -> None:
 
 
 def test_a_row_block_dequantizes_only_its_rows(smollm2: Model, monkeypatch) -> None:
-    from mlxedge.formats import gguf_import
+    from mlxedge.formats.gguf import load as gguf_import
 
     seen = []
 

@@ -14,8 +14,8 @@ from llamacpp_util import quantize_file
 from tiny_models import make_tiny_model
 
 from mlxedge.errors import MlxedgeError
-from mlxedge.formats.gguf_export import plan_tensors, write_gguf
-from mlxedge.formats.gguf_mix import MIXES, mix_named
+from mlxedge.formats.gguf.mixes import MIXES, mix_named
+from mlxedge.formats.gguf.writer import plan_tensors, write_gguf
 from mlxedge.source import resolve
 
 MIX_NAMES = [m for m in MIXES if m not in ("F32", "F16", "BF16")]

@@ -14,7 +14,7 @@ import pytest
 from llamacpp_util import llama_cpp_data
 
 from mlxedge.errors import MlxedgeError
-from mlxedge.formats.gguf_reader import open_gguf
+from mlxedge.formats.gguf.reader import open_gguf
 
 PSEUDO = "GGUF."  # gguf-py's fields for the header (version, counts), not metadata
 

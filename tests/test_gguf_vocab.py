@@ -26,16 +26,16 @@ from llamacpp_util import llama_cpp, llama_cpp_data
 from tokenizers import Tokenizer
 
 from mlxedge.errors import MlxedgeError
-from mlxedge.formats.gguf_pretokenizers import CANONICAL, PRE_TOKENIZERS, TABLE
-from mlxedge.formats.gguf_reader import open_gguf
-from mlxedge.formats.gguf_tokenizer import TokenizerKeys, tokenizer_files_from_gguf
-from mlxedge.formats.gguf_vocab import (
+from mlxedge.formats.gguf.pretokenizers import CANONICAL, PRE_TOKENIZERS, TABLE
+from mlxedge.formats.gguf.reader import open_gguf
+from mlxedge.formats.gguf.tokenizer_export import (
     LLAMA_CPP_PRE_NAMES,
     PRE_TOKENIZER_ALIASES,
     _normal_regex,
     add_tokenizer,
     detect_pre_tokenizer,
 )
+from mlxedge.formats.gguf.tokenizer_import import TokenizerKeys, tokenizer_files_from_gguf
 
 SEPARATOR = "\n__ggml_vocab_test__\n"
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from llamacpp_util import llama_cpp_quantize
 
-from mlxedge.formats.ggml_blocks import quantize_rows
+from mlxedge.quant.ggml import quantize_rows
 
 pytestmark = pytest.mark.llamacpp
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from llamacpp_util import llama_cpp_quantize
 
-from mlxedge.formats import ggml_blocks
-from mlxedge.formats.ggml_blocks import TYPES, quantize_rows
+from mlxedge.quant import ggml as ggml_blocks
+from mlxedge.quant.ggml import TYPES, quantize_rows
 
 if ggml_blocks._ggml_quants is None:
     if os.environ.get("CI") == "true":

@@ -19,7 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 from mlxedge.cli import main
-from mlxedge.formats.ollama import _jinja_render, modelfile_text
+from mlxedge.formats.gguf.ollama import _jinja_render, modelfile_text
 from mlxedge.source import resolve
 
 INSTRUCTIONS = {"FROM", "PARAMETER", "TEMPLATE", "SYSTEM", "ADAPTER", "LICENSE", "MESSAGE"}

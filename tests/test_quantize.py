@@ -17,8 +17,9 @@ from click.testing import CliRunner
 from mlx_lm import generate, load
 from tiny_models import ARCHS, edit_weights, make_tiny_model
 
-from mlxedge import checkpoint
 from mlxedge.cli import main
+from mlxedge.formats import safetensors
+from mlxedge.formats.hf import HFCheckpoint
 from mlxedge.quant.recipes import QuantOptions, more_bits, uses_more_bits
 
 
@@ -118,9 +119,9 @@ def test_bits_per_weight_counts_every_byte(tmp_path):
     src = make_tiny_model(tmp_path / "m", "llama", tied=True, dtype="bfloat16")
     out = tmp_path / "q"
     assert run("quantize", src, "-o", out).exit_code == 0
-    params = sum(math.prod(i.shape) for i in checkpoint.HFCheckpoint.from_folder(src).infos())
+    params = sum(math.prod(i.shape) for i in HFCheckpoint.from_folder(src).infos())
     written = sum(math.prod(i.shape) * np.dtype(i.dtype).itemsize
-                  for i in checkpoint.HFCheckpoint.from_folder(out).infos())  # fmt: skip
+                  for i in HFCheckpoint.from_folder(out).infos())  # fmt: skip
     card = (out / "README.md").read_text()
     assert f"| bits per weight | {written * 8 / params:.3f} |" in card
 
@@ -275,7 +276,7 @@ def test_existing_output_needs_force(tmp_path):
 
 def test_full_disk_leaves_nothing(tmp_path, monkeypatch):
     src = make_tiny_model(tmp_path / "m", "llama", dtype="float32")
-    real_write = checkpoint.SafetensorsWriter.write
+    real_write = safetensors.SafetensorsWriter.write
     calls = {"n": 0}
 
     def write(self, name, array):
@@ -284,7 +285,7 @@ def test_full_disk_leaves_nothing(tmp_path, monkeypatch):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write(self, name, array)
 
-    monkeypatch.setattr(checkpoint.SafetensorsWriter, "write", write)
+    monkeypatch.setattr(safetensors.SafetensorsWriter, "write", write)
     out = tmp_path / "out"
     result = run("quantize", src, "-o", out)
     assert result.exit_code == 2 and "no space left" in result.output.lower()

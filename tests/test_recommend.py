@@ -9,9 +9,9 @@ import pytest
 from click.testing import CliRunner
 from tiny_models import ARCHS, llama_1b_config, make_tiny_model
 
-from mlxedge.checkpoint import HFCheckpoint
 from mlxedge.cli import main
 from mlxedge.errors import MlxedgeError
+from mlxedge.formats.hf import HFCheckpoint
 from mlxedge.quant.recipes import QuantOptions
 from mlxedge.recommend import (
     kv_cache_bytes,

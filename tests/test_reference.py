@@ -12,8 +12,8 @@ from mlx_lm.utils import load_model
 from tiny_models import ARCHS, llama_1b_config, make_tiny_model
 
 from mlxedge.archs import arch_for
-from mlxedge.checkpoint import HFCheckpoint
 from mlxedge.cli import main
+from mlxedge.formats.hf import HFCheckpoint
 from mlxedge.runtime.reference import ReferenceModel
 from mlxedge.source import resolve
 

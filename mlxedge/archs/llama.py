@@ -396,7 +396,7 @@ class Llama:
 def _config_from_gguf(cls, meta: dict, shapes: dict, path) -> dict:
     import logging
 
-    from ..formats.gguf_tokenizer import TokenizerKeys
+    from ..formats.gguf.tokenizer_import import TokenizerKeys
 
     log = logging.getLogger(__name__)
     arch_name = gguf.MODEL_ARCH_NAMES[cls.gguf_arch]

@@ -1,7 +1,9 @@
-"""A plain Hugging Face folder (config.json, safetensors, tokenizer files) from any source model.
+"""A Hugging Face folder: its safetensors weights read as one `TensorSource` (one file, or shards
+with their index), and any model written as a plain folder (config.json, safetensors, tokenizer
+files).
 
-Used by `mlxedge import FILE.gguf -o DIR`: the GGUF becomes a folder that transformers, mlx-lm and
-`mlxedge quantize` read like any other checkpoint.
+The writer serves `mlxedge import FILE.gguf -o DIR`: the GGUF becomes a folder that transformers,
+mlx-lm and `mlxedge quantize` read like any other checkpoint.
 """
 
 from __future__ import annotations
@@ -14,9 +16,139 @@ import numpy as np
 
 from ..archs import Role, arch_for
 from ..atomic import atomic_output
-from ..checkpoint import write_checkpoint
+from ..errors import MlxedgeError
 from ..model import Model, TensorInfo
 from ..quant.schemes import storage_dtype
+from .safetensors import INDEX_NAME, SafetensorsFile, write_checkpoint
+
+
+class HFCheckpoint:
+    """The safetensors weights of a Hugging Face model folder, as a `TensorSource`.
+
+    Use `HFCheckpoint.from_folder` to build one.
+
+    Args:
+        files: opened shards, in reading order.
+        owners: tensor name -> the shard holding it, in reading order.
+    """
+
+    def __init__(self, files: list[SafetensorsFile], owners: dict[str, SafetensorsFile]) -> None:
+        self.files = files
+        self._owners = owners
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> HFCheckpoint:
+        """Open the weights of a model folder without reading any tensor data.
+
+        The shard index (`model.safetensors.index.json`) decides which tensors exist when present;
+        otherwise every `*.safetensors` file in the folder is read, in sorted order.
+
+        Args:
+            folder: the model folder.
+
+        Returns:
+            The checkpoint, ordered by shard and then by position within the shard.
+
+        Raises:
+            MlxedgeError: the folder has no safetensors weights, the index is malformed or names
+                missing shards or tensors, or a tensor appears in two shards.
+        """
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise MlxedgeError("is not a folder", path=folder, fix="pass a model folder")
+        index_path = folder / INDEX_NAME
+        if index_path.is_file():
+            return cls._from_index(folder, index_path)
+        paths = sorted(folder.glob("*.safetensors"))
+        if not paths:
+            raise MlxedgeError(
+                "holds no *.safetensors weights; only safetensors are read, never .bin/.pt "
+                "pickles, because loading a pickle can run arbitrary code",
+                path=folder,
+                fix="convert the weights to safetensors, or pass a model published in safetensors",
+            )
+        files = [SafetensorsFile(p) for p in paths]
+        owners: dict[str, SafetensorsFile] = {}
+        for shard in files:
+            for info in shard.infos():
+                if info.name in owners:
+                    raise MlxedgeError(
+                        f"tensor {info.name!r} is in both {owners[info.name].path.name} and "
+                        f"{shard.path.name}",
+                        path=folder,
+                        fix="remove the stray .safetensors file, or add a " + INDEX_NAME,
+                    )
+                owners[info.name] = shard
+        return cls(files, owners)
+
+    @classmethod
+    def _from_index(cls, folder: Path, index_path: Path) -> HFCheckpoint:
+        fix = "download or convert the model again"
+        try:
+            weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+            raise MlxedgeError(f"cannot read the weight_map ({exc!r})", index_path, fix) from exc
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(v, str) for v in weight_map.values()
+        ):
+            raise MlxedgeError("weight_map must map tensor names to file names", index_path, fix)
+        by_file: dict[str, list[str]] = {}
+        for name, file_name in weight_map.items():
+            by_file.setdefault(file_name, []).append(name)
+        files, owners = [], {}
+        for file_name in sorted(by_file):
+            path = folder / file_name
+            # An index is input too: it must name files in the model folder. Checked on the name,
+            # not the resolved path: a Hub cache snapshot's shards are symlinks into its blobs.
+            if Path(file_name).name != file_name or file_name in (".", ".."):
+                raise MlxedgeError(f"names a file outside the folder: {file_name!r}", index_path)
+            if not path.is_file():
+                raise MlxedgeError(f"names {file_name}, which is missing", index_path, fix)
+            shard = SafetensorsFile(path)
+            present = {info.name for info in shard.infos()}
+            missing = [name for name in by_file[file_name] if name not in present]
+            if missing:
+                raise MlxedgeError(
+                    f"names {len(missing)} tensors missing from {file_name}, e.g. {missing[0]!r}",
+                    index_path,
+                    fix,
+                )
+            files.append(shard)
+            wanted = set(by_file[file_name])
+            owners.update((info.name, shard) for info in shard.infos() if info.name in wanted)
+        return cls(files, owners)
+
+    def infos(self) -> list[TensorInfo]:
+        """Every tensor's name, shape and dtype name, shard by shard in data order.
+
+        Returns:
+            One TensorInfo per tensor.
+        """
+        return [
+            info
+            for shard in self.files
+            for info in shard.infos()
+            if self._owners.get(info.name) is shard
+        ]
+
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """One tensor (or rows [start, stop) of it), copied out of its shard.
+
+        Args:
+            name: the tensor's name.
+            rows: read only these rows of the first axis.
+
+        Returns:
+            The tensor with its stored shape and dtype.
+
+        Raises:
+            KeyError: no shard holds a tensor of that name.
+        """
+        try:
+            shard = self._owners[name]
+        except KeyError:
+            raise KeyError(f"no tensor named {name!r} in the checkpoint") from None
+        return shard.read(name, rows)
 
 
 def write_hf_folder(

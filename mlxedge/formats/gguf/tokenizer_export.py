@@ -23,8 +23,8 @@ from typing import Any
 import gguf
 import numpy as np
 
-from ..errors import MlxedgeError
-from .gguf_pretokenizers import (
+from mlxedge.errors import MlxedgeError
+from mlxedge.formats.gguf.pretokenizers import (
     CANONICAL,
     CONTRACTIONS,
     DIGIT,
@@ -34,7 +34,7 @@ from .gguf_pretokenizers import (
     TEKKEN,
     canonical_name,
 )
-from .gguf_tokenizer import SPM_SPACE
+from mlxedge.formats.gguf.tokenizer_import import SPM_SPACE
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def detect_pre_tokenizer(tok_json: dict) -> str:
         tok_json: a parsed tokenizer.json with a BPE model.
 
     Returns:
-        The name export writes for that behaviour (gguf_pretokenizers.CANONICAL), e.g. "gpt-2",
+        The name export writes for that behaviour (pretokenizers.CANONICAL), e.g. "gpt-2",
         "llama-bpe", "qwen2", "smollm" or "deepseek-llm". Other names with the same behaviour
         (e.g. "starcoder" for "smollm") are in PRE_TOKENIZER_ALIASES.
 

@@ -7,10 +7,10 @@ Each row of `TABLE` below is one branch of that mapping: the names it accepts, t
 splits the pieces the one before left, spelled as llama.cpp spells them with control characters
 escaped), and the flags the branch sets.
 
-The importer (gguf_tokenizer) rebuilds a tokenizer.json from a row; the exporter (gguf_vocab)
-matches a tokenizer.json's split definition against the rows. Rows that split text the same way
-(same regexes and merge mode) are one behaviour; export writes the first name of the first such
-row, so the order of rows and of names within a row matters.
+The importer (tokenizer_import) rebuilds a tokenizer.json from a row; the exporter
+(tokenizer_export) matches a tokenizer.json's split definition against the rows. Rows that split
+text the same way (same regexes and merge mode) are one behaviour; export writes the first name
+of the first such row, so the order of rows and of names within a row matters.
 """
 
 from __future__ import annotations

@@ -25,8 +25,8 @@ from gguf.quants import dequantize
 
 from mlxedge.archs import Architecture, TensorEntry, arch_for_gguf
 from mlxedge.errors import MlxedgeError
-from mlxedge.formats.gguf_reader import GGUFFile, GGUFTensor, open_gguf
-from mlxedge.formats.gguf_tokenizer import tokenizer_files_from_gguf
+from mlxedge.formats.gguf.reader import GGUFFile, GGUFTensor, open_gguf
+from mlxedge.formats.gguf.tokenizer_import import tokenizer_files_from_gguf
 from mlxedge.model import Model, TensorInfo, Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ def load_gguf(path: Path) -> Model:
         side_files = tokenizer_files_from_gguf(metadata)
     except MlxedgeError as err:
         raise MlxedgeError(err.message, path=path, fix=err.fix) from err
-    from .gguf_mix import nominal_bits
+    from mlxedge.formats.gguf.mixes import nominal_bits
 
     return Model(
         name=path.stem,

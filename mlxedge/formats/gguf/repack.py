@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..quant.schemes import AffineScheme, QuantizedTensor, dequantize, unpack
-from .ggml_blocks import BLOCK, dequantize_rows, pack_q4_1, pack_q5_1
+from mlxedge.quant.ggml import BLOCK, dequantize_rows, pack_q4_1, pack_q5_1
+from mlxedge.quant.schemes import AffineScheme, QuantizedTensor, dequantize, unpack
 
 REPACKABLE = {4: "Q4_1", 5: "Q5_1"}
 

@@ -30,10 +30,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..threads import parallel_map, thread_count
+from mlxedge.threads import parallel_map, thread_count
 
 try:  # optional: the install builds it where a C compiler exists
-    from . import _ggml_quants
+    from mlxedge.quant import _ggml_quants
 except ImportError:  # pragma: no cover - exercised only where the extension did not build
     _ggml_quants = None
 

@@ -7,7 +7,7 @@ ids llama.cpp would produce.
 
 Two vocabulary kinds are handled:
 - "gpt2": byte-level BPE. The split regexes and flags come from the `tokenizer.ggml.pre` name, as
-  llama.cpp's `src/llama-vocab.cpp` maps them (the table in gguf_pretokenizers, shared with export).
+  llama.cpp's `src/llama-vocab.cpp` maps them (the table in pretokenizers.py, shared with export).
 - "llama": SentencePiece-style BPE with byte fallback; merges are derived from token scores the way
   llama.cpp's SPM tokenizer ranks them (the merged piece with the highest score wins).
 """
@@ -31,7 +31,7 @@ from tokenizers import (
 )
 
 from mlxedge.errors import MlxedgeError
-from mlxedge.formats.gguf_pretokenizers import PRE_TOKENIZERS, PreTokenizer
+from mlxedge.formats.gguf.pretokenizers import PRE_TOKENIZERS, PreTokenizer
 
 logger = logging.getLogger(__name__)
 

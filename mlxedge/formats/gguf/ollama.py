@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..atomic import TEXT_MARK, atomic_file
+from mlxedge.atomic import TEXT_MARK, atomic_file
 
 Conversation = list[dict[str, str]]
 

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
-from ..errors import MlxedgeError
+from mlxedge.errors import MlxedgeError
 
 INCOMPLETE = "is not a complete GGUF file"
 REFETCH = "if the file was cut short or damaged in transit, download or copy it again"

@@ -7,8 +7,8 @@ the file layout (header, key/value pairs, aligned tensor data); what goes in is 
 
 Sources: a float model (Hugging Face folder, Hub id, GGUF, `smollm2`), quantized to a llama.cpp
 mix, or an MLX folder. An MLX folder's 4- and 5-bit tensors are repacked as Q4_1/Q5_1 without
-re-quantizing (`gguf_repack`); everything else in it is re-quantized from its dequantized weights,
-with a warning that says so.
+re-quantizing (`repack`); everything else in it is re-quantized from its dequantized weights, with
+a warning that says so.
 """
 
 from __future__ import annotations
@@ -23,14 +23,22 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as QType
 
-from ..archs import Architecture, Role, TensorEntry, arch_for
-from ..atomic import atomic_file, mark_gguf
-from ..errors import MlxedgeError, non_finite
-from ..model import BLOCK_WEIGHTS
-from .ggml_blocks import TYPES, quantize_rows
-from .gguf_mix import FLOAT_TYPES, MIXES, TYPE_BITS, Mix, ModelShape, mix_named, tensor_type
-from .gguf_repack import REPACKABLE, repack, repackable
-from .gguf_vocab import add_tokenizer
+from mlxedge.archs import Architecture, Role, TensorEntry, arch_for
+from mlxedge.atomic import atomic_file, mark_gguf
+from mlxedge.errors import MlxedgeError, non_finite
+from mlxedge.formats.gguf.mixes import (
+    FLOAT_TYPES,
+    MIXES,
+    TYPE_BITS,
+    Mix,
+    ModelShape,
+    mix_named,
+    tensor_type,
+)
+from mlxedge.formats.gguf.repack import REPACKABLE, repack, repackable
+from mlxedge.formats.gguf.tokenizer_export import add_tokenizer
+from mlxedge.model import BLOCK_WEIGHTS
+from mlxedge.quant.ggml import TYPES, quantize_rows
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +246,7 @@ def write_gguf(
     """Write `model` (a `model.Model`) as the GGUF file `path`.
 
     Args:
-        type_name: a llama.cpp mix (`Q4_K_M`, `Q8_0`, `F16`, ...; see `gguf_mix.MIXES`); None
+        type_name: a llama.cpp mix (`Q4_K_M`, `Q8_0`, `F16`, ...; see `mixes.MIXES`); None
             keeps an MLX folder's own precision (4/5-bit groups repacked without loss).
         pre_tokenizer: llama.cpp's pre-tokenizer name; None takes a GGUF source's own, else reads
             it from tokenizer.json.
@@ -308,7 +316,7 @@ def write_gguf(
 
 
 def _add_tokenizer(writer: gguf.GGUFWriter, model, tok_json: dict, pre: str | None) -> bool:
-    """`gguf_vocab.add_tokenizer`, with its errors naming the tokenizer file."""
+    """`tokenizer_export.add_tokenizer`, with its errors naming the tokenizer file."""
     where = model.tokenizer.where
     try:
         return add_tokenizer(

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..archs import Kind, Role, TensorEntry
-from ..errors import MlxedgeError
-from ..quant.recipes import uses_more_bits
-from .ggml_blocks import TYPES
+from mlxedge.archs import Kind, Role, TensorEntry
+from mlxedge.errors import MlxedgeError
+from mlxedge.quant.ggml import TYPES
+from mlxedge.quant.recipes import uses_more_bits
 
 
 @dataclass(frozen=True)
