@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import shlex
 import sys
 from pathlib import Path
@@ -209,7 +208,7 @@ def quantize(
         return
     if type_name or pre_tokenizer or ollama:
         raise MlxedgeError("--type, --pre-tokenizer and --ollama need --format gguf")
-    from .pipeline import default_output_name, quantize_to_mlx
+    from .formats.mlx import default_output_name, quantize_to_mlx
     from .quant.recipes import Override, QuantOptions
     from .source import local_path, resolve
 
@@ -242,12 +241,11 @@ def quantize(
         state = {}
 
         def on_plan(plans):
-            total = sum(math.prod(p.info.shape) for p in plans)
+            total = sum(p.params for p in plans)
             state["task"] = progress.add_task(f"quantizing {source.name}", total=total)
 
         def on_tensor(plan):
-            n = math.prod(plan.info.shape)
-            progress.advance(state["task"], n)
+            progress.advance(state["task"], plan.params)
 
         report = quantize_to_mlx(
             source,
@@ -381,16 +379,16 @@ def _export_gguf(model, output, type_name, pure, pre_tokenizer, ollama, revision
 
 
 def _print_gguf_report(report) -> None:
-    table = Table(title=f"{report.path} ({report.mix})", title_justify="left")
+    table = Table(title=f"{report.output} ({report.mix})", title_justify="left")
     for col in ("type", "tensors", "parameters", "MiB", "bits per weight"):
         table.add_column(col, justify="right" if col != "type" else "left")
     params = 0
-    for type_name, count, n, nbytes in report.by_type():
+    for type_name, count, n, nbytes in report.by_target():
         params += n
         table.add_row(type_name, str(count), f"{n:,}", f"{nbytes / 2**20:.1f}",
                       f"{nbytes * 8 / n:.3f}")  # fmt: skip
-    table.add_row("total", str(len(report.tensors)), f"{params:,}",
-                  f"{report.nbytes / 2**20:.1f}", f"{report.nbytes * 8 / params:.3f}",
+    table.add_row("total", str(len(report.rows)), f"{params:,}",
+                  f"{report.bytes_out / 2**20:.1f}", f"{report.bytes_out * 8 / params:.3f}",
                   style="bold")  # fmt: skip
     out.print(table)
 

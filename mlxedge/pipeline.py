@@ -1,67 +1,76 @@
-"""The quantize pipeline: plan every tensor, stream read → quantize → write, report.
+"""The one pipeline: stream read → quantize → write, for every output format.
 
-One tensor is in memory at a time (plus its quantized form), so peak memory follows the largest
-tensor, not the model.
+`convert(model, plans, writer)` carries out a plan (`plan.TensorPlan` per tensor) through a
+writer (`Writer`: the MLX folder, the GGUF file, the Hugging Face folder; the Core ML package
+next). Tensors are read one at a time — large ones in blocks of rows, since every encoding works
+row by row (identical bytes) — and the next read overlaps the current encoding on a thread, so
+memory holds one tensor's output and at most two blocks of input, never the model.
 """
 
 from __future__ import annotations
 
-import logging
 import math
-from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
-from .archs import Role, arch_for
-from .atomic import atomic_output
 from .errors import MlxedgeError, non_finite
-from .formats import mlx as mlx_format
-from .formats.safetensors import write_checkpoint
-from .model import BLOCK_WEIGHTS, Model, TensorInfo
+from .model import BLOCK_WEIGHTS, Model
+from .plan import TensorPlan, stored_bytes
 from .quant import backend
-from .quant.defaults import DEFAULT_METHOD, DEFAULT_RECIPE, METHODS
-from .quant.recipes import QuantOptions, TensorPlan, plan_tensors
-from .quant.schemes import (
-    STORAGE_DTYPES,
-    AffineScheme,
-    QuantizedTensor,
-    storage_dtype,
-)
-
-log = logging.getLogger(__name__)
-
-MAX_SHARD_BYTES = 5 * 2**30
-FLOAT32_SOURCE_DEFAULT = "bfloat16"  # the 16-bit dtype a float32 source is written in by default
+from .quant.defaults import DEFAULT_METHOD, METHODS
+from .quant.schemes import storage_dtype
 
 
 @dataclass
 class TensorRow:
-    """One source tensor in the report."""
+    """One tensor in a report."""
 
     name: str
+    out_name: str
     shape: tuple[int, ...]
-    scheme: AffineScheme | None
+    target: str  # "4-bit g64", "Q4_K", "float"
     bytes_in: int
     bytes_out: int
     rel_rmse: float | None = None
     max_abs: float | None = None
     note: str = ""
+    scheme: object = None  # the MLX affine scheme, when there is one
+    repack_error: float = 0.0  # a repack's largest weight error from rounding scales (0: exact)
+
+    @property
+    def params(self) -> int:
+        return math.prod(self.shape)
 
 
 @dataclass
-class QuantizeReport:
-    """What `quantize_to_mlx` did, for the CLI's table and the model card."""
+class ConvertReport:
+    """What a conversion wrote, for the CLI's tables and the model card.
+
+    Attributes:
+        output: the artifact.
+        params: the source's parameter count (bits per weight are counted against it).
+        rows: every tensor, in output order.
+        warnings: what the user should know (re-quantized tensors, rounded scales, ...).
+        method, dtype: an MLX folder's quantization method and scale dtype.
+        mix, file_type, adds_bos: a GGUF file's mix name, `general.file_type`, and whether
+            llama.cpp puts BOS in front of a text.
+    """
 
     output: Path
-    method: str
-    dtype: str
     params: int
     rows: list[TensorRow] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    method: str | None = None
+    dtype: str | None = None
+    mix: str | None = None
+    file_type: int | None = None
+    adds_bos: bool = False
 
     @property
     def bytes_in(self) -> int:
@@ -78,61 +87,43 @@ class QuantizeReport:
 
     @property
     def quantized(self) -> list[TensorRow]:
-        return [r for r in self.rows if r.scheme is not None]
+        return [r for r in self.rows if r.rel_rmse is not None]
 
     @property
     def kept(self) -> list[TensorRow]:
         """Tensors the recipe wanted quantized but which stayed in float (with the reason)."""
         return [r for r in self.rows if r.note]
 
-    def scheme_counts(self) -> Counter:
-        return Counter(
-            f"{r.scheme.bits}-bit g{r.scheme.group_size}" if r.scheme else "float"
-            for r in self.rows
-        )
+    def by_target(self) -> list[tuple[str, int, int, int]]:
+        """(target, tensor count, parameters, bytes written) per target, most bytes first."""
+        groups: dict[str, list[int]] = {}
+        for r in self.rows:
+            g = groups.setdefault(r.target, [0, 0, 0])
+            g[0] += 1
+            g[1] += r.params
+            g[2] += r.bytes_out
+        return sorted(((k, *v) for k, v in groups.items()), key=lambda r: -r[3])
 
 
-def _nbytes(info: TensorInfo) -> int:
-    """Bytes a tensor takes as stored (GGUF block types included)."""
-    n = int(np.prod(info.shape, dtype=np.int64))
-    if info.dtype in STORAGE_DTYPES or hasattr(np, info.dtype):
-        return n * np.dtype(STORAGE_DTYPES.get(info.dtype, info.dtype)).itemsize
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+class Writer(Protocol):
+    """An output format: told the plan, then given each tensor's encoded arrays in plan order."""
 
-    block, size = GGML_QUANT_SIZES[GGMLQuantizationType[info.dtype]]
-    return n // block * size
+    def begin(self, plans: list[TensorPlan]) -> None:
+        """Everything that precedes the tensors (config, metadata, tensor table)."""
+        ...
 
+    def write(self, plan: TensorPlan, arrays: list[np.ndarray]) -> None:
+        """One tensor: MLX affine (codes, scales, biases), or one array (floats or block bytes)."""
+        ...
 
-def default_dtype(source: Model) -> str:
-    """The source's own 16-bit dtype; a float32 source gets FLOAT32_SOURCE_DEFAULT."""
-    stated = source.config.get("torch_dtype") or source.config.get("dtype")
-    if stated in ("float16", "bfloat16"):
-        return stated
-    counts = Counter(i.dtype for i in source.weights.infos() if i.dtype in ("float16", "bfloat16"))
-    if counts:
-        return counts.most_common(1)[0][0]
-    return FLOAT32_SOURCE_DEFAULT
-
-
-def default_output_name(source: Model, opts: QuantOptions, method: str) -> str:
-    """`<model>-<bits>bit-g<group>[-<recipe>][-<method>]`, recipe and method named only when they
-    are not the defaults, e.g. `SmolLM2-135M-Instruct-4bit-g64`, `...-4bit-g64-uniform-rtn`."""
-    name = f"{source.name}-{opts.bits}bit-g{opts.group_size}"
-    if opts.recipe != DEFAULT_RECIPE:
-        name += f"-{opts.recipe}"
-    if method != DEFAULT_METHOD:
-        name += f"-{method}"
-    return name
-
-
-def _check_finite(info: TensorInfo, w: np.ndarray, origin: str) -> None:
-    if not np.isfinite(w.astype(np.float32, copy=False)).all():
-        raise non_finite(info.name, origin)
+    def finish(self, report: ConvertReport) -> None:
+        """Everything that follows the tensors (an index, a model card), and close."""
+        ...
 
 
 @dataclass(frozen=True)
 class _Read:
-    """One read of the stream: a whole tensor, or one block of rows of a large tensor."""
+    """One read of the stream: a whole tensor, or one block of rows of a large one."""
 
     plan: TensorPlan
     rows: tuple[int, int] | None
@@ -140,30 +131,34 @@ class _Read:
 
 
 def _reads(plans: list[TensorPlan]) -> Iterator[_Read]:
-    """The reads in output order. Quantization works row by row, so a tensor larger than
-    BLOCK_WEIGHTS is read and quantized in blocks of rows (identical bytes; memory holds one block
-    of the source instead of the whole tensor: an embedding of 128K x 2048 is 1 GiB in float32).
-    """
     for plan in plans:
-        if plan.role == Role.DROP:
-            continue
-        if plan.scheme is None or math.prod(plan.info.shape) <= BLOCK_WEIGHTS:
+        if plan.source is None:
+            continue  # computed by the writer
+        whole = plan.repack or len(plan.shape) < 2 or plan.params <= BLOCK_WEIGHTS
+        if whole:
             yield _Read(plan, None, True)
             continue
-        rows, cols = plan.info.shape
+        rows, cols = plan.shape
         step = max(1, BLOCK_WEIGHTS // cols)
         for start in range(0, rows, step):
-            yield _Read(plan, (start, start + step), start + step >= rows)
+            yield _Read(plan, (start, min(rows, start + step)), start + step >= rows)
 
 
-def _read_ahead(source: Model, reads: Iterator[_Read]) -> Iterator[tuple[_Read, np.ndarray]]:
-    """Each read with its array; the next one is read on a thread while the caller quantizes this
-    one, so reading overlaps computing. Memory holds at most two reads."""
+def _read(model: Model, read: _Read):
+    """The source data of one read: a float array, or an MLX tensor's stored codes to repack."""
+    if read.plan.repack:
+        return model.weights.quantized(read.plan.source, read.rows)
+    return model.weights.read(read.plan.source, read.rows)
+
+
+def _read_ahead(model: Model, reads: Iterator[_Read]):
+    """Each read with its data; the next is read on a thread while this one is encoded, so
+    reading overlaps computing. Memory holds at most two reads."""
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlxedge-read")
     try:
         pending = None
         for read in reads:
-            future = pool.submit(source.weights.read, read.plan.info.name, read.rows)
+            future = pool.submit(_read, model, read)
             if pending is not None:
                 yield pending[0], pending[1].result()
             pending = (read, future)
@@ -174,157 +169,126 @@ def _read_ahead(source: Model, reads: Iterator[_Read]) -> Iterator[tuple[_Read, 
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _join(parts: list[tuple[QuantizedTensor, backend.QuantError]]):
-    """One tensor from its quantized row blocks."""
+@dataclass
+class _Encoded:
+    arrays: list[np.ndarray]
+    error: backend.QuantError | None = None
+    repack_error: float = 0.0
+
+
+def _finite(w: np.ndarray, plan: TensorPlan, model: Model) -> np.ndarray:
+    if not np.isfinite(w.astype(np.float32, copy=False)).all():
+        raise non_finite(plan.source, model.origin)
+    return w
+
+
+def _encode(plan: TensorPlan, data, model: Model, method: str) -> _Encoded:
+    """One read encoded as its plan says."""
+    if plan.repack:
+        packed = backend.repack_mlx(data)
+        if not np.isfinite(packed.max_abs_error):
+            raise MlxedgeError(
+                f"tensor {plan.source!r} has scales or biases beyond float16's range, which "
+                "Q4_1/Q5_1 store",
+                path=model.name,
+                fix="pass --type (e.g. Q8_0) to re-quantize from the dequantized weights",
+            )
+        return _Encoded([packed.data], repack_error=packed.max_abs_error)
+    if plan.scheme is not None:
+        try:
+            qt, err = backend.quantize(data, plan.scheme, plan.dtype, method)
+        except backend.NonFiniteWeights:
+            raise non_finite(plan.source, model.origin) from None
+        return _Encoded([qt.weight, qt.scales, qt.biases], err)
+    if plan.ggml_type is not None:
+        w = _finite(np.asarray(data, dtype=np.float32), plan, model)
+        try:
+            return _Encoded([backend.encode_ggml(w, plan.ggml_type)])
+        except OverflowError:
+            raise MlxedgeError(
+                f"tensor {plan.source!r} holds values beyond float16's range",
+                path=model.name,
+                fix="pass --type BF16 or F32 (or a quantized type)",
+            ) from None
+    w = _finite(data, plan, model)
+    return _Encoded([np.ascontiguousarray(w.astype(storage_dtype(plan.dtype), copy=False))])
+
+
+def _join(parts: list[_Encoded]) -> _Encoded:
+    """One tensor from its encoded row blocks."""
     if len(parts) == 1:
         return parts[0]
-    qts = [p[0] for p in parts]
-    joined = QuantizedTensor(
-        np.concatenate([q.weight for q in qts]),
-        np.concatenate([q.scales for q in qts]),
-        np.concatenate([q.biases for q in qts]),
-        qts[0].scheme,
-    )
-    err = parts[0][1]
-    for _, e in parts[1:]:
-        err = err + e
-    return joined, err
+    arrays = [np.concatenate([p.arrays[i] for p in parts]) for i in range(len(parts[0].arrays))]
+    error = None
+    if parts[0].error is not None:
+        error = parts[0].error
+        for p in parts[1:]:
+            error = error + p.error
+    return _Encoded(arrays, error, max(p.repack_error for p in parts))
 
 
-def _stream(
-    source: Model,
-    plans: list[TensorPlan],
-    dtype: str,
-    method: str,
-    report: QuantizeReport,
-    on_tensor: Callable[[TensorPlan], None] | None,
-) -> Iterator[np.ndarray]:
-    """Read, check, quantize and yield each output array in `output_infos` order.
-
-    The backend checks every weight it quantizes for NaN/Inf as it goes; kept tensors are checked
-    here.
-    """
-    out_dtype = storage_dtype(dtype)
-    parts: list[tuple[QuantizedTensor, backend.QuantError]] = []
-    for read, w in _read_ahead(source, _reads(plans)):
-        plan = read.plan
-        row = TensorRow(plan.info.name, plan.info.shape, plan.scheme, _nbytes(plan.info), 0)
-        row.note = plan.note
-        if plan.scheme is None:
-            _check_finite(plan.info, w, source.origin)
-            out = np.ascontiguousarray(w.astype(out_dtype, copy=False))
-            row.bytes_out = out.nbytes
-            report.rows.append(row)
-            yield out
-        else:
-            try:
-                parts.append(backend.quantize(w, plan.scheme, dtype, method))
-            except backend.NonFiniteWeights:
-                raise non_finite(plan.info.name, source.origin) from None
-            del w
-            if not read.last:
-                continue
-            qt, err = _join(parts)
+def _stream(model: Model, plans: list[TensorPlan], method: str):
+    """Each source tensor's plan with its encoded arrays, in plan order."""
+    parts: list[_Encoded] = []
+    for read, data in _read_ahead(model, _reads(plans)):
+        parts.append(_encode(read.plan, data, model, method))
+        del data
+        if read.last:
+            yield read.plan, _join(parts)
             parts = []
-            row.bytes_out = qt.weight.nbytes + qt.scales.nbytes + qt.biases.nbytes
-            row.rel_rmse, row.max_abs = err.rel_rmse, err.max_abs
-            report.rows.append(row)
-            yield qt.weight
-            yield qt.scales
-            yield qt.biases
-        if on_tensor is not None:
-            on_tensor(plan)
 
 
-def quantize_to_mlx(
-    source: Model,
-    output: Path,
-    opts: QuantOptions,
+def convert(
+    model: Model,
+    plans: list[TensorPlan],
+    writer: Writer,
+    report: ConvertReport,
     method: str = DEFAULT_METHOD,
-    dtype: str | None = None,
-    force: bool = False,
-    command: str = "",
-    on_plan: Callable[[list[TensorPlan]], None] | None = None,
     on_tensor: Callable[[TensorPlan], None] | None = None,
-) -> QuantizeReport:
-    """Quantize a model into an MLX folder.
+) -> ConvertReport:
+    """Carry out `plans` on `model`'s tensors through `writer`, one tensor at a time.
 
     Args:
-        source: the model (see `source.resolve`).
-        output: the folder to create; it must not exist unless `force`.
-        opts: bits, group size, recipe, embedding settings and overrides.
-        method: "rtn" (MLX's rounding, bit-exact with `mx.quantize`), "mse" or "mse-zero".
-        dtype: storage dtype of scales, biases and float tensors; None for `default_dtype`.
-        force: replace an existing output.
-        command: the command line to state in the model card (no absolute paths).
-        on_plan: called once with every tensor's plan before work starts (for progress bars).
-        on_tensor: called after each source tensor is written.
+        model: the source (see `source.resolve`).
+        plans: every output tensor, in output order; those with no `source` the writer computes.
+        writer: the output format, writing into a location the caller made atomic.
+        report: the report to fill (its rows), handed to `writer.finish`.
+        method: the affine quantization method ("rtn", "mse", "mse-zero").
+        on_tensor: called after each tensor is written (progress bars).
 
     Returns:
-        The report: every tensor's scheme, sizes and error; bits per weight.
+        `report`, with a row per tensor.
 
     Raises:
-        MlxedgeError: bad options, bad input (NaN/Inf weights, corrupt files), an existing output
-            without `force`, or a full disk. Nothing is left at `output` on failure.
+        MlxedgeError: NaN/Inf weights, values a type cannot hold, unreadable input.
     """
     if method not in METHODS:
         raise MlxedgeError(f"method {method!r} is not supported", fix=f"choose one of {METHODS}")
-    if source.quantization is not None:
-        raise MlxedgeError(
-            "this is an already-quantized MLX folder",
-            path=source.path,
-            fix="quantize from the original (unquantized) model; mlxedge inspect shows this folder",
-        )
-    dtype = dtype or default_dtype(source)
-    storage_dtype(dtype)
-    arch = arch_for(source.config, source.origin)
-    infos = source.weights.infos()
-    plans = plan_tensors(arch, infos, opts)
-    kept = [p for p in plans if p.role != Role.DROP]
-    params = sum(int(np.prod(p.info.shape, dtype=np.int64)) for p in kept)
-    out_infos = [i for p in kept for i in mlx_format.output_infos(p, dtype)]
-    default = AffineScheme(opts.bits, opts.group_size)
-    report = QuantizeReport(output=output, method=method, dtype=dtype, params=params)
-    if on_plan is not None:
-        on_plan(kept)
-    log.info(
-        "quantizing %d tensors of %s with %s",
-        len(kept),
-        source.name,
-        backend.active_backend(method),
-    )
-    with atomic_output(output, force=force, protect=[source.path]) as tmp:
-        # Small files first: a failure in the long tensor loop then costs nothing extra.
-        quant_block = mlx_format.quantization_block(kept, default)
-        (tmp / "config.json").write_bytes(
-            mlx_format.config_json(arch.output_config(), quant_block, dtype)
-        )
-        for name, data in sorted(source.side_files.items()):
-            (tmp / name).write_bytes(data)
-        # closing(): a failure mid-stream stops the read-ahead thread here, not whenever the
-        # abandoned generator happens to be garbage-collected.
-        with closing(_stream(source, kept, dtype, method, report, on_tensor)) as arrays:
-            write_checkpoint(
-                tmp, out_infos, arrays, metadata={"format": "mlx"}, max_shard_bytes=MAX_SHARD_BYTES
-            )
-        errors = [(r.name, r.rel_rmse) for r in report.quantized]
-        facts = mlx_format.CardFacts(
-            model_name=source.name,
-            origin=source.origin,
-            command=command,
-            license=source.license,
-            base_model=source.base_model,
-            method=method,
-            dtype=dtype,
-            default=default,
-            recipe=opts.recipe,
-            bits_per_weight=report.bits_per_weight,
-            bytes_in=report.bytes_in,
-            bytes_out=report.bytes_out,
-            params=params,
-            mean_rel_rmse=float(np.mean([e for _, e in errors])) if errors else 0.0,
-            worst=sorted(errors, key=lambda x: -x[1])[:5],
-            kept=[(r.name, r.note) for r in report.kept],
-        )
-        (tmp / "README.md").write_bytes(mlx_format.model_card(facts))
+    writer.begin(plans)
+    # closing(): a failure mid-stream stops the read-ahead thread here, not whenever the
+    # abandoned generator happens to be garbage-collected.
+    with closing(_stream(model, plans, method)) as encoded:
+        source_plans = iter(p for p in plans if p.source is not None)
+        for plan in plans:
+            if plan.source is None:
+                writer.write(plan, [])
+                report.rows.append(_row(plan, _Encoded([]), plan.nbytes))
+            else:
+                done, enc = next(encoded)
+                assert done is next(source_plans)
+                writer.write(plan, enc.arrays)
+                report.rows.append(_row(plan, enc, sum(a.nbytes for a in enc.arrays)))
+            if on_tensor is not None:
+                on_tensor(plan)
+    writer.finish(report)
     return report
+
+
+def _row(plan: TensorPlan, enc: _Encoded, nbytes: int) -> TensorRow:
+    bytes_in = stored_bytes(plan.shape, plan.source_dtype) if plan.source is not None else 0
+    row = TensorRow(plan.source or plan.name, plan.name, plan.shape, plan.target, bytes_in,
+                    nbytes, note=plan.note, scheme=plan.scheme)  # fmt: skip
+    if enc.error is not None:
+        row.rel_rmse, row.max_abs = enc.error.rel_rmse, enc.error.max_abs
+    row.repack_error = enc.repack_error
+    return row

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 
-from .archs import Role, arch_for
+from .archs import arch_for
 from .errors import MlxedgeError
 from .model import TensorInfo
 from .quant.defaults import DEFAULT_METHOD, DEFAULT_RECIPE
@@ -26,7 +26,7 @@ from .quant.recipes import QuantOptions, plan_tensors
 BITS = (2, 3, 4, 5, 6, 8)
 GROUPS = (32, 64, 128)
 RECIPES = ("uniform", "mixed")
-DTYPE_BYTES = 2  # scales, biases and float tensors in bfloat16/float16
+DTYPE = "bfloat16"  # of scales, biases and float tensors (float16 takes as many bytes)
 KV_BYTES = 2  # float16 KV cache, as mlx-lm and llama.cpp keep it by default
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(k|m|g|t)?i?b?\s*$", re.IGNORECASE)
@@ -75,25 +75,13 @@ def weights_bytes(config: dict, opts: QuantOptions) -> int:
     """Bytes of every tensor mlxedge writes for this config and these options."""
     arch = arch_for(config, "config.json")
     infos = [TensorInfo(e.name, e.shape, "bfloat16") for e in arch.tensors()]
-    total = 0
-    for plan in plan_tensors(arch, infos, opts):
-        if plan.role == Role.DROP:
-            continue
-        n = math.prod(plan.info.shape)
-        if plan.scheme is None:
-            total += n * DTYPE_BYTES
-        else:
-            groups = n // plan.scheme.group_size
-            total += n * plan.scheme.bits // 8 + 2 * groups * DTYPE_BYTES
-    return total
+    return sum(plan.nbytes for plan in plan_tensors(arch, infos, opts, DTYPE))
 
 
 def kv_cache_bytes(config: dict, context: int) -> int:
     """K and V for every layer at `context` tokens, float16."""
-    heads = int(config["num_attention_heads"])
-    kv = int(config.get("num_key_value_heads") or heads)
-    head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // heads)
-    return 2 * int(config["num_hidden_layers"]) * kv * head_dim * context * KV_BYTES
+    s = arch_for(config, "config.json").spec
+    return 2 * s.n_layers * s.n_kv_heads * s.head_dim * context * KV_BYTES
 
 
 def quality_table() -> dict:

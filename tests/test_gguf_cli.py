@@ -180,11 +180,11 @@ def test_pre_tokenizer_is_detected_and_can_be_overridden(tiny, tmp_path):
 @pytest.mark.parametrize("mix", ["Q4_K_M", "F16", "BF16"])
 def test_row_blocks_give_the_same_file(tiny, tmp_path, monkeypatch, mix):
     """Large tensors are converted in blocks of rows (memory bounded by a block): same bytes."""
-    from mlxedge.formats.gguf import writer as gguf_export
+    from mlxedge import pipeline
 
     whole = tmp_path / "whole.gguf"
     assert run("export", "gguf", tiny, "-o", whole, "--type", mix).exit_code == 0
-    monkeypatch.setattr(gguf_export, "BLOCK_WEIGHTS", 256 * 7)  # 7 rows a block, uneven last
+    monkeypatch.setattr(pipeline, "BLOCK_WEIGHTS", 256 * 7)  # 7 rows a block, uneven last
     blocks = tmp_path / "blocks.gguf"
     assert run("export", "gguf", tiny, "-o", blocks, "--type", mix).exit_code == 0
     assert whole.read_bytes() == blocks.read_bytes()

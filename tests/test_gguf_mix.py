@@ -49,7 +49,7 @@ def test_mix_types_equal_llama_quantize(f32_gguf, mix, tmp_path):
     quantize_file(f32, tmp_path / "q.gguf", mix)
     theirs = _types(tmp_path / "q.gguf")
     plans, _ = plan_tensors(model, mix_named(mix))
-    ours = {p.name: p.type_name for p in plans}
+    ours = {p.name: p.ggml_type for p in plans}
     assert ours == theirs
 
 
@@ -59,7 +59,7 @@ def test_pure_types_equal_llama_quantize_pure(f32_gguf, mix, tmp_path):
     model, f32 = f32_gguf
     quantize_file(f32, tmp_path / "q.gguf", mix, pure=True)
     plans, _ = plan_tensors(model, mix_named(mix), pure=True)
-    assert {p.name: p.type_name for p in plans} == _types(tmp_path / "q.gguf")
+    assert {p.name: p.ggml_type for p in plans} == _types(tmp_path / "q.gguf")
 
 
 def test_unknown_type_lists_the_valid_ones():

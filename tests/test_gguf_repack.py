@@ -9,7 +9,7 @@ import pytest
 from gguf import GGMLQuantizationType, quants
 from rounding import assert_same_multiply_add
 
-from mlxedge.formats.gguf.repack import repack, repackable
+from mlxedge.quant.repack import repack, repackable
 from mlxedge.quant.schemes import AffineScheme, QuantizedTensor, quantize
 
 

@@ -76,7 +76,7 @@ def test_quantizing_an_mlx_folder_is_refused(tiny, tmp_path):
     run = CliRunner().invoke
     assert run(main, ["quantize", str(tiny), "-o", str(tmp_path / "q")]).exit_code == 0
     with pytest.raises(MlxedgeError, match="already-quantized MLX folder"):
-        from mlxedge.pipeline import quantize_to_mlx
+        from mlxedge.formats.mlx import quantize_to_mlx
         from mlxedge.quant.recipes import QuantOptions
 
         quantize_to_mlx(resolve(str(tmp_path / "q")), tmp_path / "again", QuantOptions())

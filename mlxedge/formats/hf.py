@@ -14,12 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..archs import Role, arch_for
+from ..archs import Role
 from ..atomic import atomic_output
 from ..errors import MlxedgeError
 from ..model import Model, TensorInfo
+from ..plan import TensorPlan
 from ..quant.schemes import storage_dtype
-from .safetensors import INDEX_NAME, SafetensorsFile, write_checkpoint
+from .safetensors import INDEX_NAME, SafetensorsFile, ShardedWriter
 
 
 class HFCheckpoint:
@@ -151,12 +152,41 @@ class HFCheckpoint:
         return shard.read(name, rows)
 
 
+class HFFolderWriter:
+    """A plain Hugging Face folder as a `pipeline.Writer`: config.json and the tokenizer files
+    first, then the safetensors shards tensor by tensor."""
+
+    def __init__(self, folder: Path, model: Model, dtype: str) -> None:
+        self.folder, self.model, self.dtype = folder, model, dtype
+        self._shards: ShardedWriter | None = None
+
+    def begin(self, plans: list[TensorPlan]) -> None:
+        config = dict(self.model.arch.output_config())
+        config["torch_dtype"] = self.dtype
+        text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+        (self.folder / "config.json").write_text(text)
+        for name, data in sorted(self.model.side_files.items()):
+            (self.folder / name).write_bytes(data)
+        infos = [TensorInfo(p.name, p.shape, self.dtype) for p in plans]
+        self._shards = ShardedWriter(self.folder, infos, {"format": "pt"})
+
+    def write(self, plan: TensorPlan, arrays: list[np.ndarray]) -> None:
+        self._shards.write(plan.name, arrays[0])
+
+    def finish(self, report) -> None:
+        self._shards.close()
+
+    def abort(self) -> None:
+        if self._shards is not None:
+            self._shards.abort()
+
+
 def write_hf_folder(
     source: Model,
     output: Path,
     dtype: str = "float32",
     force: bool = False,
-    on_tensor: Callable[[TensorInfo], None] | None = None,
+    on_tensor: Callable[[TensorPlan], None] | None = None,
 ) -> Path:
     """Write `source` as an unquantized Hugging Face folder, one tensor at a time.
 
@@ -164,31 +194,30 @@ def write_hf_folder(
         source: the model.
         output: folder to create (must not exist unless `force`).
         dtype: float dtype of every tensor ("float32" keeps dequantized GGUF weights exact).
-        force: replace an existing output.
+        force: replace an existing output (one mlxedge wrote).
         on_tensor: called after each tensor is written.
 
     Returns:
         The output folder.
 
     Raises:
-        MlxedgeError: existing output without `force`, full disk, bad dtype, bad input.
+        MlxedgeError: an output mlxedge may not write, full disk, bad dtype, bad input (NaN/Inf).
     """
-    np_dtype = storage_dtype(dtype)
-    arch = arch_for(source.config, source.origin)
-    infos = [i for i in source.weights.infos() if arch.role(i.name) != Role.DROP]
-    out_infos = [TensorInfo(i.name, i.shape, dtype) for i in infos]
+    from ..pipeline import ConvertReport, convert
 
-    def arrays():
-        for info in infos:
-            yield np.ascontiguousarray(source.weights.read(info.name).astype(np_dtype, copy=False))
-            if on_tensor is not None:
-                on_tensor(info)
-
-    config = dict(arch.output_config())
-    config["torch_dtype"] = dtype
+    storage_dtype(dtype)
+    arch = source.arch
+    plans = [
+        TensorPlan(i.name, i.name, tuple(i.shape), arch.entry(i.name), i.dtype, dtype=dtype)
+        for i in source.weights.infos()
+        if arch.role(i.name) != Role.DROP
+    ]
+    report = ConvertReport(output=Path(output), params=sum(p.params for p in plans))
     with atomic_output(output, force=force, protect=[source.path]) as tmp:
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        for name, data in sorted(source.side_files.items()):
-            (tmp / name).write_bytes(data)
-        write_checkpoint(tmp, out_infos, arrays(), metadata={"format": "pt"})
-    return output
+        writer = HFFolderWriter(tmp, source, dtype)
+        try:
+            convert(source, plans, writer, report, on_tensor=on_tensor)
+        except BaseException:
+            writer.abort()
+            raise
+    return Path(output)

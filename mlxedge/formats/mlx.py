@@ -14,18 +14,30 @@ own weights exactly as they are stored.
 from __future__ import annotations
 
 import json
+import logging
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
+from ..atomic import atomic_output
 from ..errors import MlxedgeError
-from ..model import TensorInfo, TensorSource
-from ..quant.recipes import TensorPlan
+from ..model import Model, TensorInfo, TensorSource
+from ..plan import TensorPlan
+from ..quant import backend
+from ..quant.defaults import DEFAULT_METHOD, DEFAULT_RECIPE
+from ..quant.recipes import QuantOptions, plan_tensors
 from ..quant.schemes import AffineScheme, QuantizedTensor, dequantize
+from .safetensors import ShardedWriter
 
 MODE = "affine"
+MAX_SHARD_BYTES = 5 * 2**30
+FLOAT32_SOURCE_DEFAULT = "bfloat16"  # the 16-bit dtype a float32 source is written in by default
+
+log = logging.getLogger(__name__)
 
 
 def versions() -> dict[str, str]:
@@ -39,9 +51,9 @@ def versions() -> dict[str, str]:
     return out
 
 
-def output_infos(plan: TensorPlan, dtype: str) -> list[TensorInfo]:
-    """The tensors one planned source tensor becomes in the MLX folder (empty when dropped)."""
-    name, shape = plan.info.name, plan.info.shape
+def output_infos(plan: TensorPlan) -> list[TensorInfo]:
+    """The tensors one planned source tensor becomes in the MLX folder."""
+    name, shape, dtype = plan.name, plan.shape, plan.dtype
     if plan.scheme is None:
         return [TensorInfo(name, shape, dtype)]
     rows, cols = shape
@@ -158,6 +170,148 @@ def model_card(facts: CardFacts) -> bytes:
         "",
     ]
     return "\n".join(lines).encode()
+
+
+# ------------------------------------------------------------------------------------ writing
+
+
+def default_dtype(model: Model) -> str:
+    """The source's own 16-bit dtype; a float32 source gets FLOAT32_SOURCE_DEFAULT."""
+    stated = model.config.get("torch_dtype") or model.config.get("dtype")
+    if stated in ("float16", "bfloat16"):
+        return stated
+    counts = Counter(i.dtype for i in model.weights.infos() if i.dtype in ("float16", "bfloat16"))
+    if counts:
+        return counts.most_common(1)[0][0]
+    return FLOAT32_SOURCE_DEFAULT
+
+
+def default_output_name(model: Model, opts: QuantOptions, method: str) -> str:
+    """`<model>-<bits>bit-g<group>[-<recipe>][-<method>]`, recipe and method named only when they
+    are not the defaults, e.g. `SmolLM2-135M-Instruct-4bit-g64`, `...-4bit-g64-uniform-rtn`."""
+    name = f"{model.name}-{opts.bits}bit-g{opts.group_size}"
+    if opts.recipe != DEFAULT_RECIPE:
+        name += f"-{opts.recipe}"
+    if method != DEFAULT_METHOD:
+        name += f"-{method}"
+    return name
+
+
+class MLXFolderWriter:
+    """The MLX folder as a `pipeline.Writer`: config and side files first, then the safetensors
+    shards tensor by tensor, the model card last."""
+
+    def __init__(
+        self, folder: Path, model: Model, opts: QuantOptions, dtype: str, command: str
+    ) -> None:
+        self.folder, self.model, self.opts = folder, model, opts
+        self.dtype, self.command = dtype, command
+        self._shards: ShardedWriter | None = None
+
+    def begin(self, plans: list[TensorPlan]) -> None:
+        # Small files first: a failure in the long tensor loop then costs nothing extra.
+        default = AffineScheme(self.opts.bits, self.opts.group_size)
+        block = quantization_block(plans, default)
+        config = config_json(self.model.arch.output_config(), block, self.dtype)
+        (self.folder / "config.json").write_bytes(config)
+        for name, data in sorted(self.model.side_files.items()):
+            (self.folder / name).write_bytes(data)
+        infos = [i for p in plans for i in output_infos(p)]
+        self._shards = ShardedWriter(self.folder, infos, {"format": "mlx"}, MAX_SHARD_BYTES)
+
+    def write(self, plan: TensorPlan, arrays: list[np.ndarray]) -> None:
+        for info, array in zip(output_infos(plan), arrays, strict=True):
+            self._shards.write(info.name, array)
+
+    def finish(self, report) -> None:
+        self._shards.close()
+        errors = [(r.name, r.rel_rmse) for r in report.quantized]
+        facts = CardFacts(
+            model_name=self.model.name,
+            origin=self.model.origin,
+            command=self.command,
+            license=self.model.license,
+            base_model=self.model.base_model,
+            method=report.method,
+            dtype=self.dtype,
+            default=AffineScheme(self.opts.bits, self.opts.group_size),
+            recipe=self.opts.recipe,
+            bits_per_weight=report.bits_per_weight,
+            bytes_in=report.bytes_in,
+            bytes_out=report.bytes_out,
+            params=report.params,
+            mean_rel_rmse=float(np.mean([e for _, e in errors])) if errors else 0.0,
+            worst=sorted(errors, key=lambda x: -x[1])[:5],
+            kept=[(r.name, r.note) for r in report.kept],
+        )
+        (self.folder / "README.md").write_bytes(model_card(facts))
+
+    def abort(self) -> None:
+        if self._shards is not None:
+            self._shards.abort()
+
+
+def quantize_to_mlx(
+    model: Model,
+    output: Path,
+    opts: QuantOptions,
+    method: str = DEFAULT_METHOD,
+    dtype: str | None = None,
+    force: bool = False,
+    command: str = "",
+    on_plan: Callable[[list[TensorPlan]], None] | None = None,
+    on_tensor: Callable[[TensorPlan], None] | None = None,
+):
+    """Quantize a model into an MLX folder that mlx-lm and mlx-swift-lm load.
+
+    Args:
+        model: the model (see `source.resolve`); not an MLX folder already.
+        output: the folder to create; it must not exist unless `force`.
+        opts: bits, group size, recipe, embedding settings and overrides.
+        method: "rtn" (MLX's rounding, bit-exact with `mx.quantize`), "mse" or "mse-zero".
+        dtype: storage dtype of scales, biases and float tensors; None for `default_dtype`.
+        force: replace an existing output (one mlxedge wrote).
+        command: the command line to state in the model card (no absolute paths).
+        on_plan: called once with every tensor's plan before work starts (for progress bars).
+        on_tensor: called after each source tensor is written.
+
+    Returns:
+        The `pipeline.ConvertReport`: every tensor's scheme, sizes and error; bits per weight.
+
+    Raises:
+        MlxedgeError: bad options, bad input (NaN/Inf weights, corrupt files), an already
+            quantized source, an output mlxedge may not write, or a full disk. Nothing is left
+            at `output` on failure.
+    """
+    from ..pipeline import ConvertReport, convert
+    from ..quant.defaults import METHODS
+    from ..quant.schemes import storage_dtype
+
+    if method not in METHODS:
+        raise MlxedgeError(f"method {method!r} is not supported", fix=f"choose one of {METHODS}")
+    if model.quantization is not None:
+        raise MlxedgeError(
+            "this is an already-quantized MLX folder",
+            path=model.path,
+            fix="quantize from the original (unquantized) model; mlxedge inspect shows this folder",
+        )
+    dtype = dtype or default_dtype(model)
+    storage_dtype(dtype)
+    plans = plan_tensors(model.arch, model.weights.infos(), opts, dtype)
+    params = sum(p.params for p in plans)
+    if on_plan is not None:
+        on_plan(plans)
+    log.info("quantizing %d tensors of %s with %s", len(plans), model.name,
+             backend.active_backend(method))  # fmt: skip
+    report = ConvertReport(output=Path(output), params=params, method=method, dtype=dtype)
+    with atomic_output(output, force=force, protect=[model.path]) as tmp:
+        writer = MLXFolderWriter(tmp, model, opts, dtype, command)
+        try:
+            convert(model, plans, writer, report, method, on_tensor)
+        except BaseException:
+            writer.abort()
+            raise
+    return report
 
 
 # ------------------------------------------------------------------------------------ reading

@@ -380,6 +380,95 @@ def plan_shards(infos: list[TensorInfo], max_shard_bytes: int) -> list[list[Tens
     return shards
 
 
+class ShardedWriter:
+    """Tensors pushed one at a time into safetensors shards plus `model.safetensors.index.json`,
+    laid out as mlx-lm's `save_model` does.
+
+    One shard is named `model.safetensors`; more are `model-00001-of-0000N.safetensors`. The index
+    is written in both cases. Only the tensor being written is held.
+
+    Args:
+        folder: the output folder (created if missing); usually the path `atomic_output` yields.
+        infos: every tensor, in writing order.
+        metadata: string pairs stored in every shard's `__metadata__`.
+        max_shard_bytes: data-byte budget of one shard.
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        infos: list[TensorInfo],
+        metadata: dict[str, str] | None = None,
+        max_shard_bytes: int = 5 * 2**30,
+    ) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._infos = list(infos)
+        self._shards = plan_shards(self._infos, max_shard_bytes) or [[]]
+        self._metadata = metadata
+        self._shard = -1
+        self._writer: SafetensorsWriter | None = None
+        self._left = 0
+        self.weight_map: dict[str, str] = {}
+        if not self._infos:
+            self._open_next()
+
+    def _file_name(self, number: int) -> str:
+        if len(self._shards) == 1:
+            return SINGLE_SHARD_NAME
+        return f"model-{number:05d}-of-{len(self._shards):05d}.safetensors"
+
+    def _open_next(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        self._shard += 1
+        shard = self._shards[self._shard]
+        name = self._file_name(self._shard + 1)
+        logger.debug("writing %s (%d tensors)", name, len(shard))
+        self._writer = SafetensorsWriter(self.folder / name, shard, self._metadata)
+        self._left = len(shard)
+
+    def write(self, name: str, array: np.ndarray) -> None:
+        """The next announced tensor (see `SafetensorsWriter.write`).
+
+        Raises:
+            ValueError: more tensors than announced, or one that does not match.
+        """
+        while self._left == 0:
+            if self._shard + 1 >= len(self._shards):
+                raise ValueError(f"more than the {len(self._infos)} tensors announced: {name!r}")
+            self._open_next()
+        self._writer.write(name, array)
+        self.weight_map[name] = self._file_name(self._shard + 1)
+        self._left -= 1
+
+    def close(self) -> dict:
+        """Close the last shard and write the index.
+
+        Returns:
+            The index: {"metadata": {"total_size": ...}, "weight_map": {name: file, by name}}.
+
+        Raises:
+            ValueError: some announced tensors were never written.
+        """
+        if self._writer is not None:
+            self._writer.close()
+        if len(self.weight_map) != len(self._infos):
+            missing = next(i.name for i in self._infos if i.name not in self.weight_map)
+            raise ValueError(f"tensors were announced but not written, e.g. {missing!r}")
+        index = {
+            "metadata": {"total_size": sum(_nbytes(info) for info in self._infos)},
+            "weight_map": dict(sorted(self.weight_map.items())),
+        }
+        (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=4), encoding="utf-8")
+        return index
+
+    def abort(self) -> None:
+        """Close the open file after a failure (the caller discards the folder)."""
+        if self._writer is not None and not self._writer._file.closed:
+            self._writer._file.close()
+
+
 def write_checkpoint(
     folder: Path,
     infos: list[TensorInfo],
@@ -387,13 +476,10 @@ def write_checkpoint(
     metadata: dict[str, str] | None = None,
     max_shard_bytes: int = 5 * 2**30,
 ) -> dict:
-    """Write tensors as safetensors shards plus `model.safetensors.index.json`, as mlx-lm does.
-
-    One shard is named `model.safetensors`; more are `model-00001-of-0000N.safetensors`. The index
-    is written in both cases, like mlx-lm's `save_model`.
+    """Write tensors as safetensors shards plus their index (see `ShardedWriter`).
 
     Args:
-        folder: the output folder (created if missing); usually the path `atomic_output` yields.
+        folder: the output folder (created if missing).
         infos: every tensor, in writing order.
         arrays: the tensors' data in the same order, consumed one at a time so that only one is
             held (pass a generator for streaming).
@@ -401,35 +487,23 @@ def write_checkpoint(
         max_shard_bytes: data-byte budget of one shard.
 
     Returns:
-        The index: {"metadata": {"total_size": ...}, "weight_map": {name: file, sorted by name}}.
+        The index (see `ShardedWriter.close`).
 
     Raises:
         ValueError: `arrays` yields more or fewer tensors than `infos`, or one that does not match.
     """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    shards = plan_shards(infos, max_shard_bytes) or [[]]
+    writer = ShardedWriter(folder, infos, metadata, max_shard_bytes)
     source = iter(arrays)
-    weight_map: dict[str, str] = {}
-    for number, shard in enumerate(shards, start=1):
-        if len(shards) == 1:
-            file_name = SINGLE_SHARD_NAME
-        else:
-            file_name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-        logger.debug("writing %s (%d tensors)", file_name, len(shard))
-        with SafetensorsWriter(folder / file_name, shard, metadata) as writer:
-            for info in shard:
-                array = next(source, None)
-                if array is None:
-                    raise ValueError(f"arrays ended before tensor {info.name!r}")
-                writer.write(info.name, array)
-                del array  # keep at most one tensor alive
-                weight_map[info.name] = file_name
-    if next(source, None) is not None:
-        raise ValueError(f"arrays yielded more than the {len(infos)} tensors announced")
-    index = {
-        "metadata": {"total_size": sum(_nbytes(info) for info in infos)},
-        "weight_map": dict(sorted(weight_map.items())),
-    }
-    (folder / INDEX_NAME).write_text(json.dumps(index, indent=4), encoding="utf-8")
-    return index
+    try:
+        for info in infos:
+            array = next(source, None)
+            if array is None:
+                raise ValueError(f"arrays ended before tensor {info.name!r}")
+            writer.write(info.name, array)
+            del array  # keep at most one tensor alive
+        if next(source, None) is not None:
+            raise ValueError(f"arrays yielded more than the {len(infos)} tensors announced")
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.close()

@@ -1,8 +1,12 @@
 """Dispatch quantization to the fastest implementation on this machine, same contract everywhere.
 
-Order: the native kernel (`_affine.c`, built at install time; all cores) → MLX ops for rtn (Metal
-on a Mac, MLX's CPU backend elsewhere) → numpy. Every path returns what `schemes.quantize` (the
-specification) returns; tests hold each fast path to it bit for bit.
+Both quantizer families are reached from here:
+- affine (MLX) groups, `quantize`: the native kernel (`_affine.c`, built at install time; every
+  core the thread policy allows) → MLX ops for rtn (MLX's CPU stream) → numpy. Every path
+  returns what `schemes.quantize` (the specification) returns; tests hold each to it bit for bit.
+- ggml blocks (GGUF), `encode_ggml`: the native kernel (`_ggml_quants.c`) → numpy (`quant.ggml`,
+  the specification, byte-identical with llama.cpp's quantizers); and `repack_mlx`, MLX codes
+  carried into Q4_1/Q5_1 blocks without re-quantizing.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from ..errors import MlxedgeError
 from ..threads import parallel_map, thread_count
 from . import schemes
 from .defaults import METHODS
+from .ggml import quantize_rows
+from .repack import Repacked, repack
 from .schemes import AffineScheme, QuantizedTensor
 
 log = logging.getLogger(__name__)
@@ -206,3 +212,30 @@ def sampled_error(qt: QuantizedTensor, w: np.ndarray) -> QuantError:
     num, den = float(np.einsum("ij,ij->", diff, diff)), float(np.einsum("ij,ij->", ref, ref))
     worst = float(np.abs(diff).max()) if diff.size else 0.0
     return QuantError(sq_err=num, sq_ref=den, max_abs=worst)
+
+
+def encode_ggml(w: np.ndarray, type_name: str) -> np.ndarray:
+    """float32 rows (rows, cols) as a GGUF stores them in `type_name`: F32 as they are, F16 or
+    BF16 values, or block bytes (uint8, (rows, bytes per row)).
+
+    Raises:
+        OverflowError: F16 cannot hold a value (it would become Inf).
+    """
+    if type_name == "F32":
+        return np.ascontiguousarray(w, dtype=np.float32)
+    if type_name == "F16":
+        with np.errstate(over="ignore"):
+            h = w.astype(np.float16)
+        if not np.isfinite(h).all():
+            raise OverflowError("beyond float16's range")
+        return h
+    if type_name == "BF16":
+        import gguf
+
+        return gguf.quants.quantize(w, gguf.GGMLQuantizationType.BF16).view(np.uint8)
+    return quantize_rows(w, type_name)
+
+
+def repack_mlx(qt: QuantizedTensor) -> Repacked:
+    """An MLX 4/5-bit tensor as Q4_1/Q5_1 blocks, codes carried over (see `quant.repack`)."""
+    return repack(qt)

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..archs import Architecture, Kind, Role
 from ..errors import MlxedgeError
 from ..model import TensorInfo
 from .defaults import DEFAULT_RECIPE, RECIPES
-from .schemes import SUPPORTED_BITS, AffineScheme
+from .schemes import SUPPORTED_BITS, AffineScheme, storage_dtype
+
+if TYPE_CHECKING:
+    from ..plan import TensorPlan
 
 
 @dataclass(frozen=True)
@@ -52,28 +57,6 @@ class Override:
         if bits is not None:
             AffineScheme(bits, group or 64)  # validates both, naming the valid choices
         return cls(pattern, bits, group)
-
-
-@dataclass(frozen=True)
-class TensorPlan:
-    """The decision for one source tensor.
-
-    Attributes:
-        info: the source tensor.
-        role: what the tensor does.
-        scheme: how it is quantized, or None to keep it in float.
-        note: why it is kept in float when a scheme was wanted (shown in the report), else "".
-    """
-
-    info: TensorInfo
-    role: Role
-    scheme: AffineScheme | None
-    note: str = ""
-
-    @property
-    def module(self) -> str:
-        """Module path: the tensor name without its final `.weight` / `.bias`."""
-        return self.info.name.rsplit(".", 1)[0]
 
 
 def more_bits(bits: int) -> int:
@@ -140,9 +123,9 @@ def _wanted(plan_role: Role, name: str, arch: Architecture, opts: QuantOptions) 
 
 
 def plan_tensors(
-    arch: Architecture, infos: list[TensorInfo], opts: QuantOptions
+    arch: Architecture, infos: list[TensorInfo], opts: QuantOptions, dtype: str = "bfloat16"
 ) -> list[TensorPlan]:
-    """Decide each tensor's scheme.
+    """Decide each tensor's scheme for an MLX folder.
 
     Order of precedence: the recipe, then --embed-bits/--embed-group-size, then overrides (the last
     matching override wins). A tensor whose input size does not divide into its groups stays in
@@ -152,13 +135,20 @@ def plan_tensors(
         arch: the model's architecture.
         infos: the source tensors.
         opts: the user's options.
+        dtype: the storage dtype of scales, biases and float tensors.
 
     Returns:
-        One plan per source tensor, in source order (DROP tensors included, with no scheme).
+        One plan per parameter of the source, in source order (a tied head's copy and rotary
+        tables, which are not parameters, are left out).
     """
+    from ..plan import TensorPlan
+
+    size = storage_dtype(dtype).itemsize
     plans = []
     for info in infos:
         role = arch.role(info.name)
+        if role == Role.DROP:
+            continue
         bits = _wanted(role, info.name, arch, opts)
         group = opts.group_size
         if role == Role.EMBEDDING and opts.embed_group_size is not None:
@@ -177,5 +167,13 @@ def plan_tensors(
                 note = f"input size {info.shape[1]} is not a multiple of group size {group}"
             else:
                 scheme = AffineScheme(bits, group)
-        plans.append(TensorPlan(info, role, scheme, note))
+        n = math.prod(info.shape)
+        if scheme is None:
+            nbytes = n * size
+        else:
+            rows, cols = info.shape
+            nbytes = rows * scheme.packed_cols(cols) * 4 + 2 * (n // group) * size
+        plans.append(TensorPlan(info.name, info.name, tuple(info.shape), arch.entry(info.name),
+                                info.dtype, scheme=scheme, dtype=dtype, note=note,
+                                nbytes=nbytes))  # fmt: skip
     return plans
