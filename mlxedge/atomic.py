@@ -27,6 +27,7 @@ import struct
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import MlxedgeError
@@ -228,11 +229,26 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-@contextmanager
-def _atomic(target: Path, force: bool, is_dir: bool, protect: Iterable[Path | None]):
-    protect = tuple(protect)
-    target = check_output(target, force, protect)
-    target.parent.mkdir(parents=True, exist_ok=True)
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    """Flush a file, or every file of a folder and the folder itself, to the disk."""
+    if path.is_dir():
+        for folder, _, files in os.walk(path):
+            for name in files:
+                _fsync(Path(folder) / name)
+            _fsync(Path(folder))
+    else:
+        _fsync(path)
+
+
+def _make_temp(target: Path, is_dir: bool) -> Path:
     prefix = f".{target.name}.partial-"
     if is_dir:
         temp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
@@ -241,48 +257,120 @@ def _atomic(target: Path, force: bool, is_dir: bool, protect: Iterable[Path | No
         fd, name = tempfile.mkstemp(prefix=prefix, dir=target.parent)
         os.close(fd)
         temp, mode = Path(name), 0o666
+    # mkdtemp/mkstemp create owner-only entries; the artifact should get the usual permissions.
+    os.chmod(temp, mode & ~_umask())
+    if is_dir:
+        mark_folder(temp)
+    return temp
+
+
+@contextmanager
+def atomic_set(
+    targets: list[tuple[Path, bool]], force: bool = False, protect: Iterable[Path | None] = ()
+) -> Iterator[list[Path]]:
+    """Build a set of outputs (a GGUF and its Modelfile, say) in hidden siblings and commit them
+    as one unit: every one is in place, or — after any failure before or during the commit —
+    none of them (earlier outputs they replace are put back).
+
+    Each is flushed to the disk (files, folders and their contents) before the first rename, and
+    the folders holding them after the last, so a power cut cannot leave a renamed but empty
+    file. What holds under SIGKILL: two files cannot be renamed in one step, so a kill between
+    the renames of one commit (microseconds) can leave the first output of the set new and a
+    later one old or absent; outputs are committed in the order given, the main artifact first,
+    so what is left is always usable. Anything a killed run leaves behind is a hidden sibling
+    carrying our mark.
+
+    Args:
+        targets: (path, is a folder) of each output, the main one first.
+        force: replace existing outputs, if mlxedge wrote them.
+        protect: the model files or folders being read (see `check_output`).
+
+    Yields:
+        One temporary path per target, next to it: a folder holding only the mark, or an empty
+        file the writer must mark.
+
+    Raises:
+        MlxedgeError: what `check_output` raises (checked before any work starts), or the disk
+            filled up. On any exception, including KeyboardInterrupt, every temporary is removed
+            and the exception re-raised.
+    """
+    protect = tuple(protect)
+    targets = [(check_output(t, force, protect), d) for t, d in targets]
+    temps: list[Path] = []
     try:
-        # mkdtemp/mkstemp create owner-only entries; the artifact should get the usual permissions.
-        os.chmod(temp, mode & ~_umask())
-        if is_dir:
-            mark_folder(temp)
-        yield temp
-        if not is_ours(temp):  # every writer marks what it writes; a bug here must not ship
-            raise RuntimeError(f"{temp}: the writer did not mark its output")
-        _move_into_place(temp, target, force, protect)
+        for target, is_dir in targets:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            temps.append(_make_temp(target, is_dir))
+        yield temps
+        for temp in temps:
+            if not is_ours(temp):  # every writer marks what it writes; a bug must not ship
+                raise RuntimeError(f"{temp}: the writer did not mark its output")
+            _fsync_tree(temp)
+        _commit([(temp, t) for temp, (t, _) in zip(temps, targets, strict=True)], force, protect)
     except BaseException as exc:
-        _remove(temp)
+        for temp in temps:
+            _remove(temp)
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
             raise MlxedgeError(
                 "no space left on device while writing; nothing was kept",
-                path=target,
+                path=targets[0][0],
                 fix="free some disk space or write the output elsewhere",
             ) from exc
         raise
-    logger.debug("wrote %s", target)
+    for parent in {t.parent for t, _ in targets}:
+        _fsync(parent)
+    logger.debug("wrote %s", ", ".join(str(t) for t, _ in targets))
 
 
-def _move_into_place(temp: Path, target: Path, force: bool, protect: tuple) -> None:
-    if not os.path.lexists(target):
-        os.rename(temp, target)
-        return
-    if not force:  # appeared while we were writing
-        raise MlxedgeError("appeared while writing; it was left untouched", path=target)
-    check_output(target, force, protect)  # what appeared meanwhile must be ours too
-    if temp.is_file() and target.is_file() and not target.is_symlink():
-        os.replace(temp, target)  # atomic on POSIX
-        return
-    # A folder cannot be swapped in one step: move the old one aside, then delete it.
-    aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-    old = aside / "old"
-    os.rename(target, old)
+def _commit(pairs: list[tuple[Path, Path]], force: bool, protect: tuple) -> None:
+    """Rename each temporary onto its target; on a failure, undo what was done."""
+    undo: list[_Step] = []
     try:
-        os.rename(temp, target)
+        for temp, target in pairs:
+            step = _Step(target)
+            undo.append(step)
+            if os.path.lexists(target):
+                if not force:  # appeared while we were writing
+                    raise MlxedgeError("appeared while writing; it was left untouched", path=target)
+                check_output(target, force, protect)  # what appeared meanwhile must be ours too
+                step.aside = Path(
+                    tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent)
+                )
+                if temp.is_file() and target.is_file():
+                    os.link(target, step.aside / "old")  # kept for an undo; the swap is one step
+                else:  # a folder cannot be swapped in one step: move the old one aside first
+                    os.rename(target, step.aside / "old")
+                    step.moved = True
+            os.replace(temp, target)  # onto a file: one atomic step; else onto nothing
+            step.renamed = True
     except BaseException:
-        os.rename(old, target)
+        for step in reversed(undo):
+            step.undo()
         raise
     finally:
-        shutil.rmtree(aside, ignore_errors=True)
+        for step in undo:
+            if step.aside is not None:
+                shutil.rmtree(step.aside, ignore_errors=True)
+
+
+@dataclass
+class _Step:
+    """One output of a commit, and what undoing it takes."""
+
+    target: Path
+    aside: Path | None = None  # holds the old version as `old` while the commit runs
+    moved: bool = False  # the old version was moved out of the way (a folder)
+    renamed: bool = False  # the new version is in place
+
+    def undo(self) -> None:
+        try:
+            if self.renamed:
+                _remove(self.target)
+            if (self.renamed or self.moved) and self.aside is not None:
+                os.replace(self.aside / "old", self.target)
+        except OSError:  # keep undoing the others; the old version stays in its hidden sibling
+            logger.warning("could not restore %s; its old version is in %s", self.target,
+                           self.aside)  # fmt: skip
 
 
 @contextmanager
@@ -304,7 +392,7 @@ def atomic_output(
             filled up. On any exception, including KeyboardInterrupt, the temporary folder is
             removed and the exception re-raised.
     """
-    with _atomic(target, force, True, protect) as temp:
+    with atomic_set([(Path(target), True)], force, protect) as (temp,):
         yield temp
 
 
@@ -326,5 +414,5 @@ def atomic_file(
     Raises:
         MlxedgeError: what `check_output` raises, or the disk filled up.
     """
-    with _atomic(target, force, False, protect) as temp:
+    with atomic_set([(Path(target), False)], force, protect) as (temp,):
         yield temp

@@ -42,6 +42,19 @@ def _progress() -> Progress:
     )
 
 
+def _plan_progress(progress: Progress, label: str):
+    """(on_plan, on_tensor) callbacks that drive one bar by parameters written."""
+    state = {}
+
+    def on_plan(plans) -> None:
+        state["task"] = progress.add_task(label, total=sum(p.params for p in plans))
+
+    def on_tensor(plan) -> None:
+        progress.advance(state["task"], plan.params)
+
+    return on_plan, on_tensor
+
+
 class _Group(click.Group):
     """Turns MlxedgeError into one clear message and exit code 2, for every command."""
 
@@ -238,15 +251,7 @@ def quantize(
         ),
     )
     with _progress() as progress:
-        state = {}
-
-        def on_plan(plans):
-            total = sum(p.params for p in plans)
-            state["task"] = progress.add_task(f"quantizing {source.name}", total=total)
-
-        def on_tensor(plan):
-            progress.advance(state["task"], plan.params)
-
+        on_plan, on_tensor = _plan_progress(progress, f"quantizing {source.name}")
         report = quantize_to_mlx(
             source,
             output,
@@ -345,15 +350,7 @@ def _export_gguf(model, output, type_name, pure, pre_tokenizer, ollama, revision
     output = Path(output)
     check_outputs(output, sources)
     with _progress() as progress:
-        state = {}
-
-        def on_plan(plans):
-            total = sum(p.params for p in plans)
-            state["task"] = progress.add_task(f"writing {output.name}", total=total)
-
-        def on_tensor(plan):
-            progress.advance(state["task"], plan.params)
-
+        on_plan, on_tensor = _plan_progress(progress, f"writing {output.name}")
         report = write_gguf(
             source,
             output,
@@ -363,19 +360,14 @@ def _export_gguf(model, output, type_name, pure, pre_tokenizer, ollama, revision
             force=force,
             on_plan=on_plan,
             on_tensor=on_tensor,
+            ollama=ollama,
         )
     for w in report.warnings:
         console.print(f"[yellow]warning:[/] {w}", soft_wrap=True)
     _print_gguf_report(report)
-    if ollama:
-        from .formats.gguf.ollama import write_modelfile
-
-        modelfile, warnings = write_modelfile(
-            output, source.tokenizer.config, report.adds_bos, force=force, protect=sources
-        )
-        for w in warnings:
-            console.print(f"[yellow]warning:[/] {w}", soft_wrap=True)
-        out.print(f"wrote {modelfile} (ollama create NAME -f {modelfile})")
+    if report.modelfile is not None:
+        m = report.modelfile
+        out.print(f"wrote {m} (ollama create NAME -f {m})")
 
 
 def _print_gguf_report(report) -> None:

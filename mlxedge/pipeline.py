@@ -60,6 +60,7 @@ class ConvertReport:
         method, dtype: an MLX folder's quantization method and scale dtype.
         mix, file_type, adds_bos: a GGUF file's mix name, `general.file_type`, and whether
             llama.cpp puts BOS in front of a text.
+        modelfile: the Ollama Modelfile written beside a GGUF file, if one was.
     """
 
     output: Path
@@ -71,6 +72,7 @@ class ConvertReport:
     mix: str | None = None
     file_type: int | None = None
     adds_bos: bool = False
+    modelfile: Path | None = None
 
     @property
     def bytes_in(self) -> int:

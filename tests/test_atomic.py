@@ -257,3 +257,49 @@ def test_a_marked_earlier_output_is_replaced(tmp_path):
     with atomic_file(ours, force=True) as temp:
         write_gguf(temp, marked=True, n_tensors=2)
     assert len(gguf.GGUFReader(ours).tensors) == 2
+
+
+# ------------------------------------------------------------------------------- output sets
+
+
+def test_a_set_is_committed_whole_or_not_at_all(tmp_path, monkeypatch):
+    from mlxedge import atomic
+
+    a, b = tmp_path / "m.gguf", tmp_path / "m.Modelfile"
+    with atomic.atomic_set([(a, False), (b, False)]) as (ta, tb):
+        write_gguf(ta, marked=True)
+        tb.write_text(TEXT_MARK + "FROM ./m.gguf\n")
+    old = (a.read_bytes(), b.read_bytes())
+
+    with pytest.raises(RuntimeError, match="boom"):  # a failure while writing the second
+        with atomic.atomic_set([(a, False), (b, False)], force=True) as (ta, tb):
+            write_gguf(ta, marked=True, n_tensors=2)
+            raise RuntimeError("boom")
+    assert (a.read_bytes(), b.read_bytes()) == old and siblings(a) == ["m.Modelfile", "m.gguf"]
+
+    real_replace = os.replace
+
+    def failing(src, dst):  # the second rename of the commit fails: the first is undone
+        if Path(dst) == b:
+            raise OSError(errno.EIO, "I/O error")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", failing)
+    with pytest.raises(OSError, match="I/O error"):
+        with atomic.atomic_set([(a, False), (b, False)], force=True) as (ta, tb):
+            write_gguf(ta, marked=True, n_tensors=3)
+            tb.write_text(TEXT_MARK + "FROM ./m.gguf\nPARAMETER stop x\n")
+    assert (a.read_bytes(), b.read_bytes()) == old and siblings(a) == ["m.Modelfile", "m.gguf"]
+
+
+def test_outputs_are_flushed_to_disk_before_and_after_the_rename(tmp_path, monkeypatch):
+    from mlxedge import atomic
+
+    flushed = []
+    real = atomic._fsync
+    monkeypatch.setattr(atomic, "_fsync", lambda p: (flushed.append(Path(p)), real(p)))
+    with atomic_output(tmp_path / "out") as temp:
+        (temp / "weights.bin").write_bytes(b"x" * 100)
+    names = [p.name for p in flushed]
+    assert names.index("weights.bin") < names.index(temp.name)  # files, then their folder
+    assert flushed[-1] == tmp_path  # the parent, after the rename

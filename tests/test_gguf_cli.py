@@ -253,3 +253,16 @@ def test_inspect_names_the_file_type_and_tokenizer(tiny, tmp_path):
     result = run("inspect", out)
     assert result.exit_code == 0
     assert "file_type: Q3_K_M (12)" in result.output and "pre_tokenizer: gpt-2" in result.output
+
+
+def test_a_failed_modelfile_leaves_no_gguf_behind(tiny, tmp_path, monkeypatch):
+    from mlxedge.formats.gguf import writer
+
+    def broken(*args):
+        raise RuntimeError("the Modelfile could not be written")
+
+    monkeypatch.setattr(writer, "modelfile_text", broken)
+    out = tmp_path / "m.gguf"
+    with pytest.raises(RuntimeError, match="Modelfile"):
+        run("export", "gguf", tiny, "-o", out, "--type", "Q8_0", "--ollama")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # neither file, no partials

@@ -11,11 +11,9 @@ markup, an unknown format) gets none, with a warning, and Ollama falls back to i
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-
-from mlxedge.atomic import TEXT_MARK, atomic_file
 
 Conversation = list[dict[str, str]]
 
@@ -191,23 +189,3 @@ def modelfile_text(gguf_name: str, tok_config: dict, adds_bos: bool) -> tuple[st
 def modelfile_path(gguf_path: Path) -> Path:
     """Where `write_modelfile` puts the Modelfile of a GGUF: `<stem>.Modelfile` beside it."""
     return gguf_path.with_name(gguf_path.stem + ".Modelfile")
-
-
-def write_modelfile(
-    gguf_path: Path,
-    tok_config: dict,
-    adds_bos: bool,
-    force: bool = False,
-    protect: Iterable[Path | None] = (),
-) -> tuple[Path, list[str]]:
-    """Write `<gguf stem>.Modelfile` beside the GGUF; returns its path and the warnings.
-
-    `force` and `protect` are `atomic.atomic_file`'s; the file starts with mlxedge's mark (a
-    comment line, which Ollama ignores).
-    """
-    gguf_path = Path(gguf_path)
-    target = modelfile_path(gguf_path)
-    text, warnings = modelfile_text(gguf_path.name, tok_config, adds_bos)
-    with atomic_file(target, force=force, protect=[gguf_path, *protect]) as temp:
-        temp.write_text(TEXT_MARK + text, encoding="utf-8")
-    return target, warnings

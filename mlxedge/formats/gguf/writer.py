@@ -23,9 +23,10 @@ from gguf import GGMLQuantizationType as QType
 
 from mlxedge.archs import Architecture
 from mlxedge.archs.spec import Role
-from mlxedge.atomic import atomic_file, mark_gguf
+from mlxedge.atomic import TEXT_MARK, atomic_set, mark_gguf
 from mlxedge.errors import MlxedgeError
 from mlxedge.formats.gguf.mixes import MIXES, Mix, ModelShape, mix_named, tensor_type
+from mlxedge.formats.gguf.ollama import modelfile_path, modelfile_text
 from mlxedge.formats.gguf.tokenizer_export import add_tokenizer
 from mlxedge.model import Model
 from mlxedge.plan import TensorPlan, stored_bytes
@@ -165,6 +166,7 @@ def write_gguf(
     on_plan: Callable[[list[TensorPlan]], None] | None = None,
     on_tensor: Callable[[TensorPlan], None] | None = None,
     protect=(),
+    ollama: bool = False,
 ):
     """Write `model` as the GGUF file `path`.
 
@@ -178,9 +180,12 @@ def write_gguf(
         force: replace `path` if it exists (and mlxedge wrote it).
         on_plan, on_tensor: progress callbacks.
         protect: further paths the output must not touch (the model's own is always protected).
+        ollama: also write `<stem>.Modelfile` beside the file (see `ollama`); the two are
+            committed as one unit (`atomic.atomic_set`).
 
     Returns:
-        The `pipeline.ConvertReport` (mix, file type, adds_bos, warnings).
+        The `pipeline.ConvertReport` (mix, file type, adds_bos, warnings; `modelfile`, the
+        Modelfile's path, with `ollama`).
 
     Raises:
         MlxedgeError: unknown type, an architecture or tokenizer GGUF cannot express, NaN/Inf
@@ -204,13 +209,20 @@ def write_gguf(
                            mix=mix.name if mix else "MLX", file_type=file_type)  # fmt: skip
     if on_plan is not None:
         on_plan(plans)
-    with atomic_file(Path(path), force=force, protect=[model.path, *protect]) as temp:
-        writer = GGUFFileWriter(temp, model, file_type, pre)
+    path = Path(path)
+    targets = [(path, False)] + ([(modelfile_path(path), False)] if ollama else [])
+    with atomic_set(targets, force=force, protect=[model.path, *protect]) as temps:
+        writer = GGUFFileWriter(temps[0], model, file_type, pre)
         try:
             convert(model, plans, writer, report, on_tensor=on_tensor)
         finally:
             writer.close()
-    report.adds_bos = writer.adds_bos
+        report.adds_bos = writer.adds_bos
+        if ollama:
+            text, notes = modelfile_text(path.name, model.tokenizer.config, report.adds_bos)
+            temps[1].write_text(TEXT_MARK + text, encoding="utf-8")
+            report.warnings += notes
+            report.modelfile = targets[1][0]
     lossy = [r for r in report.rows if r.repack_error > 0]
     if lossy:
         worst = max(lossy, key=lambda r: r.repack_error)
