@@ -2,7 +2,7 @@
 
 Every setting (bits x group size x method, the mixed recipe, higher-bit embeddings) is quantized by
 `mlxedge quantize`, and mlx-lm's `mlx_lm.convert` is run at the same settings with the same
-`--dtype`; each output folder is evaluated by the same harness (`mlxedge.crosscheck`'s protocol:
+`--dtype`; each output folder is evaluated by the same harness (`mlxedge.harness`'s protocol:
 llama.cpp's windows of 512, predictions 256-510 scored) with the numpy reference backend against
 the unquantized model, on two texts:
 
@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", help="evaluate only settings whose name matches this regex")
     args = ap.parse_args(argv)
 
-    from mlxedge.crosscheck import full_protocol
+    from mlxedge.harness import full_protocol
     from mlxedge.source import resolve
     from mlxedge.texts import load_text, tokenize
 

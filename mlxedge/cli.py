@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import shlex
 import sys
 from pathlib import Path
 
@@ -81,29 +80,6 @@ def main(verbose: int) -> None:
     logging.basicConfig(
         level=max(level, logging.DEBUG), format="%(levelname)s %(name)s: %(message)s"
     )
-
-
-def _card_command(model: str, opts: dict) -> str:
-    """The command stated in the model card: options in a fixed order, no output path."""
-    parts = ["mlxedge", "quantize", Path(model).name if Path(model).exists() else model]
-    for key in (
-        "bits",
-        "group_size",
-        "method",
-        "recipe",
-        "dtype",
-        "embed_bits",
-        "embed_group_size",
-    ):
-        if opts.get(key) is not None:
-            parts += [f"--{key.replace('_', '-')}", str(opts[key])]
-    for ov in opts.get("override", ()):
-        parts += ["--override", ov]
-    return shlex.join(parts)
-
-
-# --bits of `quantize --format gguf` -> the llama.cpp mix of that width most people use.
-_GGUF_MIX_FOR_BITS = {2: "Q2_K", 3: "Q3_K_M", 4: "Q4_K_M", 5: "Q5_K_M", 6: "Q6_K", 8: "Q8_0"}
 
 
 def _gguf_type_option(help_text: str):
@@ -214,14 +190,16 @@ def quantize(
             )
         if type_name is not None and ctx.get_parameter_source("bits").name == "COMMANDLINE":
             raise MlxedgeError("pass --bits or --type, not both", fix="--type alone names the mix")
-        if type_name is None and bits not in _GGUF_MIX_FOR_BITS:
+        from .formats.gguf.mixes import MIX_FOR_BITS
+
+        if type_name is None and bits not in MIX_FOR_BITS:
             raise MlxedgeError(f"no GGUF type for --bits {bits}", fix="pass --type")
-        type_name = type_name or _GGUF_MIX_FOR_BITS[bits]
+        type_name = type_name or MIX_FOR_BITS[bits]
         _export_gguf(model, output, type_name, False, pre_tokenizer, ollama, revision, force)
         return
     if type_name or pre_tokenizer or ollama:
         raise MlxedgeError("--type, --pre-tokenizer and --ollama need --format gguf")
-    from .formats.mlx import default_output_name, quantize_to_mlx
+    from .formats.mlx import card_command, default_output_name, quantize_to_mlx
     from .quant.recipes import Override, QuantOptions
     from .source import local_path, resolve
 
@@ -237,7 +215,7 @@ def quantize(
         check_output(output, force, protect=[local_path(model)])
     source = resolve(model, revision=revision)
     output = output or Path(default_output_name(source, opts, method))
-    command = _card_command(
+    command = card_command(
         model,
         dict(
             bits=bits,
@@ -518,7 +496,7 @@ def eval_(candidate, reference, text_spec, ctx, max_windows, backend, as_json):
     """
     import json as json_
 
-    from .crosscheck import evaluate
+    from .harness import evaluate
     from .source import resolve
     from .texts import load_text
 
@@ -605,7 +583,7 @@ def crosscheck(
     import dataclasses
     import json as json_
 
-    from .crosscheck import crosscheck as run_crosscheck
+    from .harness import crosscheck as run_crosscheck
     from .source import resolve
     from .texts import load_text
 

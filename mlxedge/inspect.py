@@ -109,7 +109,7 @@ def _describe_gguf(path: Path) -> Description:
 
     file = open_gguf(path)
     meta = file.metadata
-    arch = meta.get("general.architecture", "unknown")
+    arch = meta.get(gguf.Keys.General.ARCHITECTURE, "unknown")
     types = Counter(t.type.name for t in file.tensors.values())
     facts = {}
     for key in ("block_count", "embedding_length", "context_length"):

@@ -15,8 +15,8 @@ from safetensors.numpy import save_file
 from tiny_models import make_tiny_model
 
 from mlxedge.cli import main
-from mlxedge.crosscheck import FLOAT_MAX_KL, default_max_kl
 from mlxedge.errors import MlxedgeError
+from mlxedge.harness import FLOAT_MAX_KL, default_max_kl
 from mlxedge.metrics import TokenStats, log_softmax
 from mlxedge.texts import DEFAULT_TEXT, load_text, windows
 
@@ -180,7 +180,7 @@ def test_crosscheck_fails_a_damaged_artifact(smollm2_q4, tmp_path):
 @pytest.mark.slow
 def test_reference_perplexity_equals_mlx_lm(tmp_path):
     """SmolLM2 (float32): reference vs mlx-lm perplexity within 0.5% on two windows."""
-    from mlxedge.crosscheck import evaluate
+    from mlxedge.harness import evaluate
     from mlxedge.source import resolve
 
     folder = tmp_path / "smollm2-f32"
@@ -194,7 +194,7 @@ def test_reference_perplexity_equals_mlx_lm(tmp_path):
     backend = make_backend("mlx", model)
     assert isinstance(backend, MLXBackend)
     backend.token_budget = None  # the whole protocol on MLX's CPU backend: about a minute a window
-    from mlxedge.crosscheck import bos_id, full_protocol, score
+    from mlxedge.harness import bos_id, full_protocol, score
     from mlxedge.texts import tokenize
 
     ids = tokenize(text, model.tokenizer)
@@ -245,7 +245,7 @@ def test_strict_fails_when_a_backend_is_skipped(tiny_gguf):
 def test_crosscheck_memory_does_not_grow_with_the_number_of_windows(tmp_path):
     import tracemalloc
 
-    from mlxedge.crosscheck import crosscheck
+    from mlxedge.harness import crosscheck
     from mlxedge.source import resolve
 
     vocab = 32768  # a window of 64 tokens is 8 MiB of float32 logits per model

@@ -164,7 +164,7 @@ def test_smollm2_vocab_tokenizes_like_the_shipped_gguf(tmp_path, smollm2_gguf, d
     ours = write_vocab_gguf(tmp_path / "smol.gguf", tok_json, tok_config)  # -> GGUF
     got = metadata(ours)
     assert got[TokenizerKeys.PRE] == "smollm"
-    assert got[TokenizerKeys.TOKENS] == meta[TokenizerKeys.TOKENS]
+    assert got[TokenizerKeys.LIST] == meta[TokenizerKeys.LIST]
     assert got[TokenizerKeys.MERGES] == meta[TokenizerKeys.MERGES]
     for key in (TokenizerKeys.BOS_ID, TokenizerKeys.EOS_ID, TokenizerKeys.CHAT_TEMPLATE):
         assert got[key] == meta[key], key
@@ -199,7 +199,7 @@ def vocab_tests(folder: Path, name: str) -> tuple[list[str], list[list[int]]]:
 
 def check_vocab(tmp_path: Path, folder: Path, name: str, tok_json, tok_config, meta) -> Path:
     """Our GGUF of the vocabulary; llama.cpp tokenizes every `.inp` string of it to `.out`."""
-    vocab_size = len(meta[TokenizerKeys.TOKENS])
+    vocab_size = len(meta[TokenizerKeys.LIST])
     ours = write_vocab_gguf(tmp_path / f"{name}.gguf", tok_json, tok_config, vocab_size)
     texts, expected = vocab_tests(folder, name)
     actual = tokenize_all(ours, texts)
@@ -343,7 +343,7 @@ def tiny_gguf(pre: str) -> dict:
     return {
         TokenizerKeys.MODEL: "gpt2",
         TokenizerKeys.PRE: pre,
-        TokenizerKeys.TOKENS: ["a", "b", "ab", "<|endoftext|>"],
+        TokenizerKeys.LIST: ["a", "b", "ab", "<|endoftext|>"],
         TokenizerKeys.TOKEN_TYPE: [1, 1, 1, 3],
         TokenizerKeys.MERGES: ["a b"],
         TokenizerKeys.BOS_ID: 3,
@@ -388,7 +388,7 @@ def test_every_importable_behaviour_tokenizes_like_llama_cpp(tmp_path, vocab_dir
     files = tokenizer_files_from_gguf(meta)
     tok_json = json.loads(files["tokenizer.json"])
     config = json.loads(files["tokenizer_config.json"])
-    ours = write_vocab_gguf(tmp_path / "v.gguf", tok_json, config, len(meta[TokenizerKeys.TOKENS]))
+    ours = write_vocab_gguf(tmp_path / "v.gguf", tok_json, config, len(meta[TokenizerKeys.LIST]))
     assert metadata(ours)[TokenizerKeys.PRE] == name
     texts = vocab_tests(vocab_dir, "llama-bpe")[0] + MORE_TEXTS
     tokenizer = Tokenizer.from_str(files["tokenizer.json"].decode("utf-8"))
@@ -403,8 +403,8 @@ def test_every_importable_behaviour_tokenizes_like_llama_cpp(tmp_path, vocab_dir
 def test_sentencepiece_vocab_round_trip_reproduces_llama_cpp_test_ids(tmp_path, vocab_dir, name):
     tok_json, tok_config, meta = imported(vocab_dir / f"ggml-vocab-{name}.gguf")
     got = metadata(check_vocab(tmp_path, vocab_dir, name, tok_json, tok_config, meta))
-    assert got[TokenizerKeys.MODEL] == "llama" and got[TokenizerKeys.ADD_SPACE_PREFIX] is True
-    assert got[TokenizerKeys.TOKENS] == meta[TokenizerKeys.TOKENS]
+    assert got[TokenizerKeys.MODEL] == "llama" and got[TokenizerKeys.ADD_PREFIX] is True
+    assert got[TokenizerKeys.LIST] == meta[TokenizerKeys.LIST]
     assert got[TokenizerKeys.ADD_BOS] is True  # from tokenizer_config, as the original says
     if name == "llama-spm":  # phi-3's file types its unk CONTROL and its padding UNKNOWN
         assert got[TokenizerKeys.TOKEN_TYPE] == meta[TokenizerKeys.TOKEN_TYPE]
@@ -516,7 +516,7 @@ def test_special_ids_add_bos_from_the_template_and_chat_template_list(tmp_path):
     assert got[TokenizerKeys.ADD_BOS] is True and got[TokenizerKeys.ADD_EOS] is False
     assert got[TokenizerKeys.CHAT_TEMPLATE] == "D"
     assert got["tokenizer.chat_template.tool_use"] == "T"
-    assert got[TokenizerKeys.TOKENS][8:] == ["[PAD8]", "[PAD9]"]
+    assert got[TokenizerKeys.LIST][8:] == ["[PAD8]", "[PAD9]"]
     assert got[TokenizerKeys.TOKEN_TYPE][8:] == [gguf.TokenType.UNUSED] * 2
     # tokenizer_config's explicit value wins over the template
     got = metadata(
@@ -557,7 +557,7 @@ def test_sentencepiece_types_scores_and_space_prefix(tmp_path, add_prefix):
     got = metadata(write_vocab_gguf(tmp_path / "s.gguf", spm_json(add_prefix), config, 270))
     assert got[TokenizerKeys.MODEL] == "llama"
     assert got[TokenizerKeys.PRE] == "default"
-    assert got[TokenizerKeys.ADD_SPACE_PREFIX] is add_prefix
+    assert got[TokenizerKeys.ADD_PREFIX] is add_prefix
     types = got[TokenizerKeys.TOKEN_TYPE]
     T = gguf.TokenType
     assert types[:3] == [T.UNKNOWN, T.CONTROL, T.CONTROL]

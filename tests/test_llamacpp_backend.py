@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from llamacpp_util import llama_cpp
 
-from mlxedge.crosscheck import crosscheck
 from mlxedge.formats.gguf.mixes import MIXES
 from mlxedge.formats.gguf.writer import write_gguf
+from mlxedge.harness import crosscheck
 from mlxedge.runtime.llamacpp_runner import QUANTIZED_TOLERANCE
 from mlxedge.runtime.reference import ReferenceModel
 from mlxedge.source import resolve

@@ -293,7 +293,9 @@ def hf_config(
 
 
 def hf_tensor_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """Return every tensor of a checkpoint of ``config``, in the order Hugging Face stores them.
+    """Return every tensor of a checkpoint of ``config``, in the order Hugging Face stores them:
+    the architecture module's own tensor table, so a new architecture gets tiny models for free
+    (mlx-lm's strict ``load`` and llama.cpp stay the independent judges of the result).
 
     Args:
         config: A config from ``hf_config`` (or a Hub ``config.json`` of one of ``ARCHS``).
@@ -301,35 +303,9 @@ def hf_tensor_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     Returns:
         Mapping of Hugging Face tensor name to shape (PyTorch layout: ``(out, in)`` for linears).
     """
-    arch = config["model_type"]
-    d = config["hidden_size"]
-    n_q, n_kv = config["num_attention_heads"], config["num_key_value_heads"]
-    head_dim = config.get("head_dim") or d // n_q
-    ff, vocab = config["intermediate_size"], config["vocab_size"]
+    from mlxedge.archs import arch_for
 
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, d)}
-    for i in range(config["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        shapes[p + "input_layernorm.weight"] = (d,)
-        shapes[p + "self_attn.q_proj.weight"] = (n_q * head_dim, d)
-        shapes[p + "self_attn.k_proj.weight"] = (n_kv * head_dim, d)
-        shapes[p + "self_attn.v_proj.weight"] = (n_kv * head_dim, d)
-        if arch == "qwen2":
-            shapes[p + "self_attn.q_proj.bias"] = (n_q * head_dim,)
-            shapes[p + "self_attn.k_proj.bias"] = (n_kv * head_dim,)
-            shapes[p + "self_attn.v_proj.bias"] = (n_kv * head_dim,)
-        if arch == "qwen3":
-            shapes[p + "self_attn.q_norm.weight"] = (head_dim,)
-            shapes[p + "self_attn.k_norm.weight"] = (head_dim,)
-        shapes[p + "self_attn.o_proj.weight"] = (d, n_q * head_dim)
-        shapes[p + "post_attention_layernorm.weight"] = (d,)
-        shapes[p + "mlp.gate_proj.weight"] = (ff, d)
-        shapes[p + "mlp.up_proj.weight"] = (ff, d)
-        shapes[p + "mlp.down_proj.weight"] = (d, ff)
-    shapes["model.norm.weight"] = (d,)
-    if not config["tie_word_embeddings"]:
-        shapes["lm_head.weight"] = (vocab, d)
-    return shapes
+    return {e.name: e.shape for e in arch_for(config).tensors()}
 
 
 def edit_weights(folder: Path, edit) -> None:

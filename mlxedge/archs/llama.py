@@ -429,9 +429,9 @@ def _config_from_gguf(cls, meta: dict, shapes: dict, path) -> dict:
             "is not supported",
             path=path,
         )
-    tokens = meta.get(TokenizerKeys.TOKENS)
+    tokens = meta.get(TokenizerKeys.LIST)
     if tokens is None:
-        raise MlxedgeError(f"missing metadata key {TokenizerKeys.TOKENS}", path=path)
+        raise MlxedgeError(f"missing metadata key {TokenizerKeys.LIST}", path=path)
     vocab_size = len(tokens)
     embedding = shapes.get("token_embd.weight")
     if embedding is None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -195,6 +196,25 @@ def default_output_name(model: Model, opts: QuantOptions, method: str) -> str:
     if method != DEFAULT_METHOD:
         name += f"-{method}"
     return name
+
+
+def card_command(model: str, opts: dict) -> str:
+    """The command stated in the model card: options in a fixed order, no output path."""
+    parts = ["mlxedge", "quantize", Path(model).name if Path(model).exists() else model]
+    for key in (
+        "bits",
+        "group_size",
+        "method",
+        "recipe",
+        "dtype",
+        "embed_bits",
+        "embed_group_size",
+    ):
+        if opts.get(key) is not None:
+            parts += [f"--{key.replace('_', '-')}", str(opts[key])]
+    for ov in opts.get("override", ()):
+        parts += ["--override", ov]
+    return shlex.join(parts)
 
 
 class MLXFolderWriter:

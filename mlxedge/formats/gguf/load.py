@@ -5,9 +5,11 @@ converted from in three ways this module undoes:
 
 - tensor names (`blk.3.attn_q.weight` instead of `model.layers.3.self_attn.q_proj.weight`);
 - dimension order (GGUF lists `ne0` first, the fastest-varying axis; numpy/HF list it last);
-- for the "llama" architecture only, the rows of q_proj / k_proj (and their biases) are permuted
-  so llama.cpp's rotary embedding can rotate adjacent pairs; HF rotates the two halves of each head.
-  llama.cpp's converter does not permute "qwen2" / "qwen3", which use the half-split rotary itself.
+- some architectures store rows permuted for llama.cpp's rotary (llama's q/k projections: it
+  rotates adjacent pairs, Hugging Face the two halves of each head).
+
+What each tensor is called and how its rows move is the architecture module's knowledge
+(`TensorEntry.gguf_name`, `from_gguf`); this module only reads the file through it.
 
 Weights stay memory-mapped and are dequantized to float32 one tensor per `read()` call.
 """
@@ -110,7 +112,7 @@ def load_gguf(path: Path) -> Model:
     path = Path(path)
     file = open_gguf(path)
     metadata = file.metadata
-    arch_name = metadata.get("general.architecture")
+    arch_name = metadata.get(gguf.Keys.General.ARCHITECTURE)
     if arch_name is None:
         raise MlxedgeError("missing metadata key general.architecture", path=path)
     cls = arch_for_gguf(arch_name, path)
@@ -139,8 +141,8 @@ def load_gguf(path: Path) -> Model:
         config=config,
         weights=weights,
         tokenizer=Tokenizer(side_files, where=str(path)),
-        bits=nominal_bits(metadata.get("general.file_type")),
-        license=metadata.get("general.license"),
+        bits=nominal_bits(metadata.get(gguf.Keys.General.FILE_TYPE)),
+        license=metadata.get(gguf.Keys.General.LICENSE),
         base_model=_base_model(metadata),
         gguf_metadata={k: v for k, v in metadata.items() if not isinstance(v, list)},
     )
@@ -148,12 +150,13 @@ def load_gguf(path: Path) -> Model:
 
 def _base_model(metadata: dict[str, Any]) -> str | None:
     """The first base model as "org/name" when the file records one."""
-    url = metadata.get("general.base_model.0.repo_url")
+    base = gguf.Keys.General
+    url = metadata.get(base.BASE_MODEL_REPO_URL.format(id=0))
     prefix = "https://huggingface.co/"
     if isinstance(url, str) and url.startswith(prefix):
         return url[len(prefix) :].strip("/")
-    name = metadata.get("general.base_model.0.name")
-    org = metadata.get("general.base_model.0.organization")
+    name = metadata.get(base.BASE_MODEL_NAME.format(id=0))
+    org = metadata.get(base.BASE_MODEL_ORGANIZATION.format(id=0))
     if name and org:
         return f"{org}/{name}"
     return name or None

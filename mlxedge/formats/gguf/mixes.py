@@ -49,6 +49,8 @@ MIXES: dict[str, Mix] = {
     )
 }
 FLOAT_TYPES = ("F32", "F16", "BF16")
+# `quantize --format gguf --bits N`: the llama.cpp mix of that width most people use.
+MIX_FOR_BITS = {2: "Q2_K", 3: "Q3_K_M", 4: "Q4_K_M", 5: "Q5_K_M", 6: "Q6_K", 8: "Q8_0"}
 # Bits per weight of each ggml type, for reports.
 TYPE_BITS = {"F32": 32.0, "F16": 16.0, "BF16": 16.0} | {
     t.name: t.type_size * 8 / t.block_size for t in TYPES.values()

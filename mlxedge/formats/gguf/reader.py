@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, Keys
 
 from mlxedge.errors import MlxedgeError
 
@@ -248,7 +248,7 @@ class GGUFFile:
             type_id = cur.scalar("I", f"tensor {name}")
             offset = cur.scalar("Q", f"tensor {name}")
             entries.append((name, ne, type_id, offset))
-        alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+        alignment = metadata.get(Keys.General.ALIGNMENT, DEFAULT_ALIGNMENT)
         if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
             raise cur.fail(f"general.alignment is {alignment!r}, not a power of two")
         self.data_start = -(-cur.pos // alignment) * alignment

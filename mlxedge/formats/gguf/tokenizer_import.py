@@ -19,6 +19,7 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import gguf
 from tokenizers import (
     AddedToken,
     Regex,
@@ -36,23 +37,8 @@ from mlxedge.formats.gguf.pretokenizers import PRE_TOKENIZERS, PreTokenizer
 logger = logging.getLogger(__name__)
 
 
-class TokenizerKeys:
-    """GGUF metadata keys of the tokenizer (the `tokenizer.*` namespace)."""
-
-    MODEL = "tokenizer.ggml.model"
-    PRE = "tokenizer.ggml.pre"
-    TOKENS = "tokenizer.ggml.tokens"
-    TOKEN_TYPE = "tokenizer.ggml.token_type"
-    SCORES = "tokenizer.ggml.scores"
-    MERGES = "tokenizer.ggml.merges"
-    BOS_ID = "tokenizer.ggml.bos_token_id"
-    EOS_ID = "tokenizer.ggml.eos_token_id"
-    UNK_ID = "tokenizer.ggml.unknown_token_id"
-    PAD_ID = "tokenizer.ggml.padding_token_id"
-    ADD_BOS = "tokenizer.ggml.add_bos_token"
-    ADD_EOS = "tokenizer.ggml.add_eos_token"
-    ADD_SPACE_PREFIX = "tokenizer.ggml.add_space_prefix"
-    CHAT_TEMPLATE = "tokenizer.chat_template"
+# GGUF metadata keys of the tokenizer, as gguf-py names them (`tokenizer.ggml.*`).
+TokenizerKeys = gguf.Keys.Tokenizer
 
 
 # llama.cpp's token types (enum llama_token_type).
@@ -82,7 +68,7 @@ def tokenizer_files_from_gguf(metadata: Mapping[str, Any]) -> dict[str, bytes]:
             missing or inconsistent.
     """
     vocab_type = _required(metadata, TokenizerKeys.MODEL)
-    tokens = list(_required(metadata, TokenizerKeys.TOKENS))
+    tokens = list(_required(metadata, TokenizerKeys.LIST))
     token_types = list(metadata.get(TokenizerKeys.TOKEN_TYPE) or [TOKEN_TYPE_NORMAL] * len(tokens))
     if len(token_types) < len(tokens):
         raise MlxedgeError(
@@ -105,7 +91,7 @@ def tokenizer_files_from_gguf(metadata: Mapping[str, Any]) -> dict[str, bytes]:
         default_add_bos = pre.add_bos
     elif vocab_type == "llama":
         scores = list(_required(metadata, TokenizerKeys.SCORES))
-        add_prefix = bool(metadata.get(TokenizerKeys.ADD_SPACE_PREFIX, True))
+        add_prefix = bool(metadata.get(TokenizerKeys.ADD_PREFIX, True))
         unk_id = int(metadata.get(TokenizerKeys.UNK_ID, 0))
         if not 0 <= unk_id < len(tokens):
             raise MlxedgeError(f"{TokenizerKeys.UNK_ID} = {unk_id} is outside the vocabulary")

@@ -203,7 +203,7 @@ def write_gguf(
     mix = mix_named(type_name) if type_name is not None else None
     plans, warnings = plan_tensors(model, mix, pure)
     file_type = mix.file_type if mix is not None else _dominant_file_type(plans)
-    pre = pre_tokenizer or model.gguf_metadata.get("tokenizer.ggml.pre")
+    pre = pre_tokenizer or model.gguf_metadata.get(gguf.Keys.Tokenizer.PRE)
     params = sum(p.params for p in plans if p.source is not None)
     report = ConvertReport(output=Path(path), params=params, warnings=warnings,
                            mix=mix.name if mix else "MLX", file_type=file_type)  # fmt: skip

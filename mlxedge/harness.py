@@ -1,4 +1,4 @@
-"""Run models on backends, compare their next-token predictions, report.
+"""The cross-check harness: run models on backends, compare their next-token predictions, report.
 
 Two questions, two gates:
 - fidelity: does a backend compute what the artifact's weights say? Each backend against the numpy
