@@ -63,6 +63,7 @@ class Case:
     dtype: str
     argv: list[str]
     out: Path
+    cwd: Path = REPO_DIR  # a baseline checkout runs `python -m mlxedge.cli` from its own folder
     walls: list[float] = field(default_factory=list)
     peaks_kib: list[int] = field(default_factory=list)
     error: str | None = None
@@ -72,7 +73,7 @@ class Case:
 # Measuring one process
 
 
-def run_measured(argv: list[str], log: Path) -> tuple[float, int, int]:
+def run_measured(argv: list[str], log: Path, cwd: Path = REPO_DIR) -> tuple[float, int, int]:
     """Run ``argv`` to completion and return (wall seconds, peak RSS KiB, exit code).
 
     ``os.wait4`` returns the resource usage of exactly this child (and of the processes it waited
@@ -81,7 +82,7 @@ def run_measured(argv: list[str], log: Path) -> tuple[float, int, int]:
     """
     with log.open("wb") as out:
         start = time.perf_counter()
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO_DIR)
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=cwd)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
     # Popen would otherwise wait for the already reaped pid later.
@@ -164,10 +165,23 @@ def prepare_llama1b() -> Path:
     return folder
 
 
+def baseline_tool(baseline: Path) -> str:
+    """The table's name for mlxedge run from another checkout: `mlxedge @<commit>`."""
+    commit = subprocess.run(["git", "-C", str(baseline), "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True).stdout.strip()  # fmt: skip
+    return f"{MLXEDGE} @{commit or baseline.name}"
+
+
 def build_cases(
-    inputs: dict[str, Path], dtypes: list[str], methods: list[str], mlxedge: str | None
+    inputs: dict[str, Path],
+    dtypes: list[str],
+    methods: list[str],
+    mlxedge: str | None,
+    baseline: Path | None = None,
 ) -> list[Case]:
-    """The command lines to measure: mlx_lm.convert, then mlxedge per method, per model/dtype."""
+    """The command lines to measure: mlx_lm.convert, then mlxedge per method, per model/dtype;
+    with a baseline checkout, mlxedge from both checkouts, each run as `python -m mlxedge.cli`
+    from its own folder (so each imports its own code), one after the other."""
     cases = []
     for model, path in inputs.items():
         for dtype in dtypes:
@@ -181,13 +195,31 @@ def build_cases(
             if mlxedge is None:
                 continue
             for method in methods:
-                out = WORK_DIR / "out" / f"{model}-{dtype}-mlxedge-{method}"
-                argv = [
-                    mlxedge, "quantize", str(path), "-o", str(out), "--bits", str(BITS),
+                args = [
+                    "quantize", str(path), "--bits", str(BITS),
                     "--group-size", str(GROUP_SIZE), "--method", method, "--dtype", dtype,
                     "--recipe", "uniform",  # what mlx_lm.convert -q does: like for like
                 ]  # fmt: skip
-                cases.append(Case(MLXEDGE, model, method, dtype, argv, out))
+                out = WORK_DIR / "out" / f"{model}-{dtype}-mlxedge-{method}"
+                if baseline is None:
+                    argv = [mlxedge, *args, "-o", str(out)]
+                    cases.append(Case(MLXEDGE, model, method, dtype, argv, out))
+                    continue
+                cli = [sys.executable, "-m", "mlxedge.cli"]
+                cases.append(Case(MLXEDGE, model, method, dtype, [*cli, *args, "-o", str(out)],
+                                  out))  # fmt: skip
+                base_out = out.with_name(out.name + "-baseline")
+                cases.append(
+                    Case(
+                        baseline_tool(baseline),
+                        model,
+                        method,
+                        dtype,
+                        [*cli, *args, "-o", str(base_out)],
+                        base_out,
+                        cwd=baseline,
+                    )
+                )
     return cases
 
 
@@ -211,7 +243,7 @@ def measure(cases: list[Case], runs: int) -> None:
                 continue
             shutil.rmtree(case.out, ignore_errors=True)
             log = logs / f"{case.out.name}.log"
-            wall, peak_kib, code = run_measured(case.argv, log)
+            wall, peak_kib, code = run_measured(case.argv, log, case.cwd)
             problem = f"exit code {code}, see {log}" if code else check_output(case.out)
             shutil.rmtree(case.out, ignore_errors=True)
             if problem:
@@ -233,10 +265,12 @@ def measure(cases: list[Case], runs: int) -> None:
 
 def markdown_table(cases: list[Case]) -> str:
     """The results table; ratios are against mlx_lm.convert on the same model and dtype."""
+    baselines = {(c.model, c.method, c.dtype): c for c in cases if c.cwd != REPO_DIR and c.walls}
+    extra = " wall vs baseline | RSS vs baseline |" if baselines else ""
     rows = [
         "| tool | model | method | dtype | median wall s | peak RSS MiB | wall vs mlx_lm | "
-        "RSS vs mlx_lm |",
-        "|---|---|---|---|---:|---:|---:|---:|",
+        "RSS vs mlx_lm |" + extra,
+        "|---|---|---|---|---:|---:|---:|---:|" + ("---:|---:|" if baselines else ""),
     ]
     anchors = {(c.model, c.dtype): c for c in cases if c.tool == MLX_LM and c.walls and not c.error}
     for c in cases:
@@ -254,10 +288,18 @@ def markdown_table(cases: list[Case]) -> str:
                 f"{wall / statistics.median(anchor.walls):.2f}x",
                 f"{peak / (max(anchor.peaks_kib) / 1024):.2f}x",
             ]
-        rows.append(
+        line = (
             f"| {c.tool} | {label} | {c.method} | {c.dtype} | {wall:.2f} | {peak:.0f} | "
             f"{ratios[0]} | {ratios[1]} |"
         )
+        base = baselines.get((c.model, c.method, c.dtype)) if c.tool == MLXEDGE else None
+        if baselines:
+            if base is not None and base is not c:
+                b_wall, b_peak = statistics.median(base.walls), max(base.peaks_kib) / 1024
+                line += f" {wall / b_wall:.3f}x | {peak / b_peak:.3f}x |"
+            else:
+                line += " | |"
+        rows.append(line)
     return "\n".join(rows)
 
 
@@ -376,6 +418,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-write", action="store_true", help=f"print only; leave {RESULTS_MD.name} alone"
     )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="another checkout of mlxedge (native kernels built in place) to measure beside this "
+        "one, interleaved, for a before/after comparison",
+    )
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error("--runs must be at least 1")
@@ -403,7 +451,8 @@ def main(argv: list[str] | None = None) -> int:
         print("nothing to measure")
         return 1
 
-    cases = build_cases(inputs, args.dtypes, args.methods, None if quantize_problem else mlxedge)
+    cases = build_cases(inputs, args.dtypes, args.methods, None if quantize_problem else mlxedge,
+                        args.baseline.resolve() if args.baseline else None)  # fmt: skip
     measure(cases, args.runs)
     section = report(cases, args.runs, notes)
     print()

@@ -164,7 +164,8 @@ def run_speed(args, tools: Tools, inputs: dict[str, Path], report: Report) -> No
                 "1B-shape speed input: the cached folder with SmolLM2's tokenizer files "
                 "(its own test tokenizer's pre-tokenizer is unknown to convert_hf_to_gguf.py)"
             )
-    pipelines = speed_pipelines(tools, speed_inputs)
+    baseline = args.baseline.resolve() if args.baseline else None
+    pipelines = speed_pipelines(tools, speed_inputs, baseline)
     measure_speed(pipelines, args.runs)
     report.failed |= any(p.error for p in pipelines)
     report.commands += [s.argv for p in pipelines for s in p.steps]
@@ -317,6 +318,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="first rows of each 1B ffn_down tensor (default 0 = all 2048)",
     )
     parser.add_argument("--smollm2-dir", type=Path, help="an existing fp32 SmolLM2 HF folder")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="for speed: another checkout of mlxedge (native kernels built in place) measured "
+        "beside this one, interleaved, for a before/after comparison",
+    )
     parser.add_argument(
         "--no-write", action="store_true", help=f"print only; leave {RESULTS_MD.name} alone"
     )

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import statistics
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,6 +70,7 @@ class Step:
     tool: str
     argv: list[str]
     out: Path
+    cwd: Path = bc.REPO_DIR  # a baseline checkout runs `python -m mlxedge.cli` from its folder
     walls: list[float] = field(default_factory=list)
     peaks_kib: list[int] = field(default_factory=list)
 
@@ -86,8 +88,12 @@ class Pipeline:
         return [sum(walls) for walls in zip(*(s.walls for s in self.steps), strict=True)]
 
 
-def speed_pipelines(tools: Tools, inputs: dict[str, Path]) -> list[Pipeline]:
-    """Per model: llama.cpp's convert + quantize, then ours (when the command exists)."""
+def speed_pipelines(
+    tools: Tools, inputs: dict[str, Path], baseline: Path | None = None
+) -> list[Pipeline]:
+    """Per model: llama.cpp's convert + quantize, then ours (when the command exists); with a
+    baseline checkout, ours from both checkouts, each as `python -m mlxedge.cli` run from its
+    own folder."""
     pipelines = []
     out_dir = GGUF_WORK / "out"
     out_dir.mkdir(parents=True, exist_ok=True)  # convert_hf_to_gguf.py does not make it
@@ -101,7 +107,16 @@ def speed_pipelines(tools: Tools, inputs: dict[str, Path]) -> list[Pipeline]:
         if tools.mlxedge:
             ours = out_dir / f"{model}-{SPEED_MIX}-mlxedge.gguf"
             argv = ours_argv(tools, path, ours, SPEED_MIX)
+            cli = [sys.executable, "-m", "mlxedge.cli"]
+            if baseline is not None:
+                argv = [*cli, *argv[1:]]
             pipelines.append(Pipeline("mlxedge", model, [Step(OURS, argv, ours)]))
+            if baseline is not None:
+                base_out = ours.with_name(ours.stem + "-baseline.gguf")
+                base_argv = [*cli, "export", "gguf", str(path), "-o", str(base_out),
+                             "--type", SPEED_MIX]  # fmt: skip
+                base = Step(OURS, base_argv, base_out, cwd=baseline)
+                pipelines.append(Pipeline(bc.baseline_tool(baseline), model, [base]))
     return pipelines
 
 
@@ -117,7 +132,7 @@ def measure_speed(pipelines: list[Pipeline], runs: int) -> None:
                 step.out.unlink(missing_ok=True)
             for step in p.steps:
                 log = logs / f"speed-{step.out.stem}.log"
-                wall, peak_kib, code = bc.run_measured(step.argv, log)
+                wall, peak_kib, code = bc.run_measured(step.argv, log, step.cwd)
                 p.error = f"exit code {code}, see {log}" if code else check_gguf(step.out)
                 if p.error:
                     print(f"FAIL {step.tool} {p.model}: {p.error}", flush=True)
@@ -158,19 +173,25 @@ def speed_table(pipelines: list[Pipeline]) -> str:
             )
         elif theirs:
             rows.append(f"| {label} | llama.cpp | | failed: {theirs.error} | | | |")
+        base = next((p for p in pipelines if p.model == model and p.name.startswith("mlxedge @")
+                     and not p.error), None)  # fmt: skip
         for p in pipelines:
-            if p.model != model or p.name != "mlxedge":
+            if p.model != model or not p.name.startswith("mlxedge"):
                 continue
             if p.error:
-                rows.append(f"| {label} | mlxedge | `{OURS}` | failed: {p.error} | | | |")
+                rows.append(f"| {label} | {p.name} | `{OURS}` | failed: {p.error} | | | |")
                 continue
             wall = statistics.median(p.totals())
             peak = max(p.steps[0].peaks_kib) / 1024
             ratios = ("", "")
             if their_wall:
                 ratios = (f"**{wall / their_wall:.2f}x**", f"{peak / their_peak:.2f}x")
+            versus = ""
+            if base is not None and p is not base:
+                b_wall, b_peak = statistics.median(base.totals()), max(base.steps[0].peaks_kib)
+                versus = f" vs baseline {wall / b_wall:.3f}x wall, {peak * 1024 / b_peak:.3f}x RSS"
             rows.append(
-                f"| {label} | mlxedge | `{OURS}` | {wall:.2f} | {peak:.0f} | "
+                f"| {label} | {p.name} | `{OURS}`{versus} | {wall:.2f} | {peak:.0f} | "
                 f"{ratios[0]} | {ratios[1]} |"
             )
     return "\n".join(rows)
