@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
 from dataclasses import dataclass, field
@@ -62,7 +61,10 @@ def describe(path: Path) -> Description:
 
 
 def _describe_folder(path: Path) -> Description:
-    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    from .formats.mlx import module_scheme
+    from .source import read_config
+
+    config = read_config(path)
     ckpt = HFCheckpoint.from_folder(path)
     infos = ckpt.infos()
     quant = config.get("quantization")
@@ -76,10 +78,9 @@ def _describe_folder(path: Path) -> Description:
             continue
         module = info.name.rsplit(".", 1)[0]
         if quant and info.dtype == "uint32" and f"{module}.scales" in by_name:
-            spec = quant.get(module, quant)
-            bits, group = spec["bits"], spec["group_size"]
-            params += n * 32 // bits
-            types[f"{bits}-bit g{group}"] += 1
+            scheme = module_scheme(module, quant, path)
+            params += n * 32 // scheme.bits
+            types[f"{scheme.bits}-bit g{scheme.group_size}"] += 1
         else:
             params += n
             types[info.dtype] += 1

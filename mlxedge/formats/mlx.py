@@ -351,7 +351,7 @@ class DequantizedMLX:
             if quantized and name.endswith((".scales", ".biases")):
                 continue  # folded into the weight
             if quantized and name.endswith(".weight"):
-                scheme = _scheme(module, quantization, folder)
+                scheme = module_scheme(module, quantization, folder)
                 rows, packed = info.shape
                 infos.append(TensorInfo(name, (rows, packed * 32 // scheme.bits), "float32"))
                 self._schemes[name] = scheme
@@ -382,7 +382,13 @@ class DequantizedMLX:
         return dequantize(self.quantized(name, rows))
 
 
-def _scheme(module: str, quantization: dict, folder: Path) -> AffineScheme:
+def module_scheme(module: str, quantization: dict, folder: Path) -> AffineScheme:
+    """The scheme an MLX folder's `quantization` block gives a module (its own entry, else the
+    defaults).
+
+    Raises:
+        MlxedgeError: the block is unreadable for that module.
+    """
     entry = quantization.get(module)
     source = entry if isinstance(entry, dict) else quantization
     try:
