@@ -80,9 +80,12 @@ def run_measured(argv: list[str], log: Path, cwd: Path = REPO_DIR) -> tuple[floa
     for), so the peak is per command. ``getrusage(RUSAGE_CHILDREN)`` would instead report the
     largest child this script ever had, which hides a smaller command run after a larger one.
     """
+    # Python's bytecode cache on, as installed software runs (an environment that turns it off
+    # would charge every run the compilation of every module it imports).
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     with log.open("wb") as out:
         start = time.perf_counter()
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=cwd)
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
     # Popen would otherwise wait for the already reaped pid later.
@@ -233,10 +236,16 @@ def check_output(out: Path) -> str | None:
     return None
 
 
-def measure(cases: list[Case], runs: int) -> None:
-    """Run every case ``runs`` times, interleaved, deleting each output folder around each run."""
+def measure(cases: list[Case], runs: int, warmup: int = 1) -> None:
+    """Run every case ``runs`` times, interleaved, deleting each output folder around each run;
+    first ``warmup`` rounds that are not counted (they fill the file and bytecode caches)."""
     logs = WORK_DIR / "logs"
     logs.mkdir(parents=True, exist_ok=True)
+    for _ in range(warmup):
+        for case in cases:
+            shutil.rmtree(case.out, ignore_errors=True)
+            run_measured(case.argv, logs / f"{case.out.name}.warmup.log", case.cwd)
+            shutil.rmtree(case.out, ignore_errors=True)
     for r in range(1, runs + 1):
         for case in cases:
             if case.error:
@@ -341,8 +350,9 @@ def report(cases: list[Case], runs: int, notes: list[str]) -> str:
     lines = [
         f"### Convert speed and memory: {BITS}-bit, group size {GROUP_SIZE}",
         "",
-        f"Median wall time and largest peak RSS of whole processes over {runs} run(s), "
-        "interleaved, output folders deleted between runs. Ratios are against "
+        f"Median wall time and largest peak RSS of whole processes over {runs} run(s) after one "
+        "uncounted warm-up round, interleaved, output folders deleted between runs, Python's "
+        "bytecode cache on. Ratios are against "
         "`mlx_lm.convert` on the same model and dtype (below 1 is better).",
         "",
         markdown_table(cases),

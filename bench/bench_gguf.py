@@ -173,7 +173,8 @@ def run_speed(args, tools: Tools, inputs: dict[str, Path], report: Report) -> No
         f"#### Speed and memory: {SPEED_MIX} from a Hugging Face folder",
         "",
         f"Median wall time and largest peak RSS of whole processes over {args.runs} run(s), "
-        "interleaved, outputs deleted between runs. llama.cpp's path is two processes "
+        "after one uncounted warm-up round, interleaved, outputs deleted between runs, Python's "
+        "bytecode cache on. llama.cpp's path is two processes "
         f"(convert to {args.convert_outtype.upper()}, then quantize); its total is the median of "
         "the per-run sums, its peak the larger step's. Below 1 is better.",
         "",

@@ -124,6 +124,11 @@ def measure_speed(pipelines: list[Pipeline], runs: int) -> None:
     """Run every pipeline ``runs`` times, interleaved; every output is deleted after its run."""
     logs = GGUF_WORK / "logs"
     logs.mkdir(parents=True, exist_ok=True)
+    for p in pipelines:  # one uncounted warm-up round: file and bytecode caches filled
+        for step in p.steps:
+            bc.run_measured(step.argv, logs / f"speed-{step.out.stem}.warmup.log", step.cwd)
+        for step in p.steps:
+            step.out.unlink(missing_ok=True)
     for r in range(1, runs + 1):
         for p in pipelines:
             if p.error:

@@ -14,7 +14,6 @@ import os
 import re
 from pathlib import Path
 
-from .archs import arch_for
 from .errors import MlxedgeError
 from .formats.hf import HFCheckpoint
 from .model import Model, Tokenizer
@@ -221,15 +220,6 @@ def from_folder(folder: Path, origin: str, hub_id: str | None = None) -> Model:
     else:
         _refuse_foreign_quantization(folder, config, names)
         weights, bits, kind = checkpoint, None, "hf"
-    arch = arch_for(config, str(folder / "config.json"))
-    available = {i.name for i in weights.infos()}
-    missing = sorted({e.name for e in arch.tensors()} - available)
-    if missing:
-        raise MlxedgeError(
-            f"{len(missing)} tensors the config calls for are missing, e.g. {missing[0]!r}",
-            path=folder,
-            fix="the checkpoint is incomplete; download or convert it again",
-        )
     side = {}
     for name in SIDE_FILES:
         f = side_file(folder, name)
@@ -238,7 +228,7 @@ def from_folder(folder: Path, origin: str, hub_id: str | None = None) -> Model:
     name = hub_id.split("/")[-1] if hub_id else folder.absolute().name  # `.`: the folder's name
     readme = side_file(folder, "README.md")
     license_id = _card_field(readme, "license") if readme is not None else None
-    return Model(
+    model = Model(
         name=name,
         origin=origin,
         kind=kind,
@@ -251,6 +241,15 @@ def from_folder(folder: Path, origin: str, hub_id: str | None = None) -> Model:
         license=license_id,
         base_model=hub_id,
     )
+    available = {i.name for i in weights.infos()}
+    missing = sorted({e.name for e in model.arch.tensors()} - available)
+    if missing:
+        raise MlxedgeError(
+            f"{len(missing)} tensors the config calls for are missing, e.g. {missing[0]!r}",
+            path=folder,
+            fix="the checkpoint is incomplete; download or convert it again",
+        )
+    return model
 
 
 def side_file(folder: Path, name: str) -> Path | None:

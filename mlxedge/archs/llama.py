@@ -12,6 +12,7 @@ rotates adjacent pairs (`TensorEntry.gguf_heads`), and Llama 3.1-style rope scal
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, ClassVar
 
@@ -23,6 +24,12 @@ from .ops import Ops, Value
 from .spec import Kind, ModelSpec, Role, TensorEntry
 
 _ROPE_FREQS = "rope_freqs.weight"
+
+
+@functools.lru_cache(maxsize=8)
+def _name_map(arch: gguf.MODEL_ARCH, n_layers: int) -> gguf.TensorNameMap:
+    """gguf-py's Hugging Face <-> GGUF name map (tens of milliseconds to build: built once)."""
+    return gguf.get_tensor_name_map(arch, n_layers)
 
 
 class Llama:
@@ -159,7 +166,7 @@ class Llama:
 
     def _entries(self):
         s = self.spec
-        names = gguf.get_tensor_name_map(self.gguf_arch, s.n_layers)
+        names = _name_map(self.gguf_arch, s.n_layers)
         d, ff, hd = s.hidden_size, s.intermediate_size, s.head_dim
         q_rows, kv_rows = s.n_heads * hd, s.n_kv_heads * hd
 

@@ -22,8 +22,6 @@ from ..errors import MlxedgeError
 from ..threads import parallel_map, thread_count
 from . import schemes
 from .defaults import METHODS
-from .ggml import quantize_rows
-from .repack import Repacked, repack
 from .schemes import AffineScheme, QuantizedTensor
 
 log = logging.getLogger(__name__)
@@ -233,9 +231,13 @@ def encode_ggml(w: np.ndarray, type_name: str) -> np.ndarray:
         import gguf
 
         return gguf.quants.quantize(w, gguf.GGMLQuantizationType.BF16).view(np.uint8)
+    from .ggml import quantize_rows  # imported on first use: MLX folders never need it
+
     return quantize_rows(w, type_name)
 
 
-def repack_mlx(qt: QuantizedTensor) -> Repacked:
+def repack_mlx(qt: QuantizedTensor):
     """An MLX 4/5-bit tensor as Q4_1/Q5_1 blocks, codes carried over (see `quant.repack`)."""
+    from .repack import repack
+
     return repack(qt)
