@@ -19,6 +19,7 @@ not ours: a device, a FIFO, a symbolic link, an unmarked file or folder, the cur
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import shutil
@@ -46,6 +47,9 @@ _GGUF_STRING = 8
 _GGUF_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 _GGUF_MARK_MAX_KVS = 4  # the mark is the second key; a few more keep the reader tolerant
 _GGUF_MAX_STRING = 1 << 12
+
+# Every output this process has committed, in order (what an interrupted command did finish).
+COMMITTED: list[Path] = []
 
 _FORCE_FIX = "delete it yourself if you mean to replace it, or choose another output name"
 
@@ -177,11 +181,13 @@ def check_output(
     target = Path(os.path.abspath(Path(target).expanduser()))
     if target.name == "":
         raise MlxedgeError("cannot write to the root of the file system", path=target)
-    _refuse_source(target, protect)
     try:
+        _refuse_source(target, protect)
         st = os.lstat(target)
     except FileNotFoundError:
         return target
+    except OSError as exc:  # a name too long, a parent that is a file, no permission
+        raise _os_error(exc, target, started=False) from None
     if not force:
         raise MlxedgeError(
             "already exists", path=target, fix="pass --force to replace it, or choose another name"
@@ -248,20 +254,122 @@ def _fsync_tree(path: Path) -> None:
         _fsync(path)
 
 
-def _make_temp(target: Path, is_dir: bool) -> Path:
+def _lock(path: Path) -> int | None:
+    """An exclusive lock on `path` (a file or folder), or None if another process holds one.
+
+    Every hidden sibling a run creates stays locked while the run lives; the kernel drops the
+    lock when the process dies, however it dies, so a lock that can be taken marks a sibling
+    whose run is gone.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _locked_temp(make) -> tuple[Path, int]:
+    """Create a hidden sibling with `make()` and lock it before anything is written into it.
+
+    A sweep by another run can take the lock in the instant between the two and remove the
+    still-empty entry; then a fresh one is made.
+    """
+    while True:
+        temp = Path(make())
+        fd = os.open(temp, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+        fcntl.flock(fd, fcntl.LOCK_EX)  # blocks only while a sweep looks at it
+        try:
+            if os.path.samestat(os.fstat(fd), os.lstat(temp)):
+                return temp, fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def _make_temp(target: Path, is_dir: bool) -> tuple[Path, int]:
+    """A locked hidden sibling of `target` to build it in, and the descriptor holding the lock."""
     prefix = f".{target.name}.partial-"
     if is_dir:
-        temp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
+        temp, fd = _locked_temp(lambda: tempfile.mkdtemp(prefix=prefix, dir=target.parent))
         mode = 0o777
     else:
-        fd, name = tempfile.mkstemp(prefix=prefix, dir=target.parent)
-        os.close(fd)
-        temp, mode = Path(name), 0o666
+
+        def make() -> str:
+            handle, name = tempfile.mkstemp(prefix=prefix, dir=target.parent)
+            os.close(handle)
+            return name
+
+        temp, fd = _locked_temp(make)
+        mode = 0o666
     # mkdtemp/mkstemp create owner-only entries; the artifact should get the usual permissions.
     os.chmod(temp, mode & ~_umask())
     if is_dir:
         mark_folder(temp)
-    return temp
+    return temp, fd
+
+
+def _is_empty(path: Path) -> bool:
+    try:
+        st = os.lstat(path)
+        if stat.S_ISDIR(st.st_mode):
+            return not any(os.scandir(path))
+        return stat.S_ISREG(st.st_mode) and st.st_size == 0
+    except OSError:
+        return False
+
+
+def sweep_stale(target: Path) -> list[str]:
+    """Clean up after runs to `target` that were killed (SIGKILL, a power cut) mid-way.
+
+    - `.NAME.partial-*` siblings whose run is gone (their lock can be taken) and that carry our
+      mark, or are still empty, are removed; a live run's are never touched.
+    - `.NAME.old-*` siblings hold the previous output a killed `--force` swap had moved aside:
+      put back when nothing has taken its place since, removed otherwise.
+
+    Returns:
+        What was done, one line per sibling (also logged).
+    """
+    target = Path(target)
+    try:
+        entries = list(os.scandir(target.parent))
+    except OSError:
+        return []
+    done = []
+    for entry in entries:
+        name = entry.name
+        partial = name.startswith(f".{target.name}.partial-")
+        aside = name.startswith(f".{target.name}.old-")
+        if not (partial or aside) or entry.is_symlink():
+            continue
+        path = Path(entry.path)
+        fd = _lock(path)
+        if fd is None:
+            continue  # a live run's, or not ours to open
+        try:
+            if partial and (is_ours(path) or _is_empty(path)):
+                _remove(path)
+                done.append(f"removed {path}, left by an interrupted run")
+            elif aside and path.is_dir():
+                old = path / "old"
+                if is_ours(old) and not os.path.lexists(target):
+                    os.replace(old, target)
+                    done.append(f"restored {target} from {path}, left by an interrupted --force")
+                    os.rmdir(path)
+                elif is_ours(old) or _is_empty(path):
+                    _remove(path)
+                    done.append(f"removed {path}, left by an interrupted --force")
+        except OSError as exc:
+            logger.warning("%s: could not clean up (%s)", path, exc.strerror or exc)
+        finally:
+            os.close(fd)
+    for line in done:
+        logger.warning("%s", line)
+    return done
 
 
 @contextmanager
@@ -295,12 +403,17 @@ def atomic_set(
             and the exception re-raised.
     """
     protect = tuple(protect)
+    for t, _ in targets:
+        sweep_stale(Path(os.path.abspath(Path(t).expanduser())))
     targets = [(check_output(t, force, protect), d) for t, d in targets]
     temps: list[Path] = []
+    locks: list[int] = []
     try:
         for target, is_dir in targets:
             target.parent.mkdir(parents=True, exist_ok=True)
-            temps.append(_make_temp(target, is_dir))
+            temp, fd = _make_temp(target, is_dir)
+            temps.append(temp)
+            locks.append(fd)
         yield temps
         for temp in temps:
             if not is_ours(temp):  # every writer marks what it writes; a bug must not ship
@@ -310,16 +423,49 @@ def atomic_set(
     except BaseException as exc:
         for temp in temps:
             _remove(temp)
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-            raise MlxedgeError(
-                "no space left on device while writing; nothing was kept",
-                path=targets[0][0],
-                fix="free some disk space or write the output elsewhere",
-            ) from exc
+        for fd in locks:
+            os.close(fd)
+        if isinstance(exc, OSError):
+            raise _os_error(exc, targets[0][0], started=bool(temps)) from exc
         raise
+    for fd in locks:
+        os.close(fd)
     for parent in {t.parent for t, _ in targets}:
         _fsync(parent)
+    COMMITTED.extend(t for t, _ in targets)
     logger.debug("wrote %s", ", ".join(str(t) for t, _ in targets))
+
+
+def _os_error(exc: OSError, target: Path, started: bool) -> MlxedgeError:
+    """The one clear error for an operating-system failure while making an output."""
+    where = exc.filename or target
+    if exc.errno == errno.ENOSPC or (exc.errno is None and _nearly_full(target.parent)):
+        # numpy's tofile reports a short write as an OSError without errno.
+        return MlxedgeError("no space left on device while writing; nothing was kept",
+                            path=target, fix="free some disk space or write the output "
+                            "elsewhere")  # fmt: skip
+    fixes = {
+        errno.EROFS: "the file system is read-only; write the output elsewhere",
+        errno.EACCES: "you may not write there; choose a folder you own",
+        errno.EPERM: "you may not write there; choose a folder you own",
+        errno.ENOTDIR: "a part of the output path is a file, not a folder; choose another path",
+        errno.EEXIST: "a part of the output path is a file, not a folder; choose another path",
+        errno.ENAMETOOLONG: "the output name is too long for the file system; choose a shorter one",
+        errno.EDQUOT: "your disk quota is used up; free some space or write elsewhere",
+    }
+    what = "cannot write the output" if started else "cannot create the output"
+    return MlxedgeError(
+        f"{what}: {exc.strerror or exc} ({where}); nothing was kept",
+        path=target,
+        fix=fixes.get(exc.errno, "check the output path"),
+    )
+
+
+def _nearly_full(folder: Path) -> bool:
+    try:
+        return shutil.disk_usage(folder).free < 64 << 20
+    except OSError:
+        return False
 
 
 def _commit(pairs: list[tuple[Path, Path]], force: bool, protect: tuple) -> None:
@@ -333,8 +479,10 @@ def _commit(pairs: list[tuple[Path, Path]], force: bool, protect: tuple) -> None
                 if not force:  # appeared while we were writing
                     raise MlxedgeError("appeared while writing; it was left untouched", path=target)
                 check_output(target, force, protect)  # what appeared meanwhile must be ours too
-                step.aside = Path(
-                    tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent)
+                step.aside, step.lock = _locked_temp(
+                    lambda target=target: tempfile.mkdtemp(
+                        prefix=f".{target.name}.old-", dir=target.parent
+                    )
                 )
                 if temp.is_file() and target.is_file():
                     os.link(target, step.aside / "old")  # kept for an undo; the swap is one step
@@ -351,6 +499,8 @@ def _commit(pairs: list[tuple[Path, Path]], force: bool, protect: tuple) -> None
         for step in undo:
             if step.aside is not None:
                 shutil.rmtree(step.aside, ignore_errors=True)
+            if step.lock is not None:
+                os.close(step.lock)
 
 
 @dataclass
@@ -361,6 +511,7 @@ class _Step:
     aside: Path | None = None  # holds the old version as `old` while the commit runs
     moved: bool = False  # the old version was moved out of the way (a folder)
     renamed: bool = False  # the new version is in place
+    lock: int | None = None  # holds the lock on `aside`
 
     def undo(self) -> None:
         try:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import math
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import click
@@ -54,17 +57,51 @@ def _plan_progress(progress: Progress, label: str):
     return on_plan, on_tensor
 
 
+def _positive_finite(ctx, param, value: float | None) -> float | None:
+    """A click callback: the value must be a positive finite number (NaN passes FloatRange)."""
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise click.BadParameter(f"{value} is not a positive finite number")
+    return value
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where SIGINT would raise KeyboardInterrupt, so it cleans up the same way."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise _Terminated
+
+
+def _interrupted(exc: KeyboardInterrupt) -> None:
+    from .atomic import COMMITTED
+
+    how = "terminated" if isinstance(exc, _Terminated) else "interrupted"
+    if COMMITTED:
+        done = ", ".join(str(p) for p in COMMITTED)
+        click.echo(f"{how}; complete before the interruption: {done}; nothing else was kept",
+                   err=True)  # fmt: skip
+    else:
+        click.echo(f"{how}; nothing was written", err=True)
+    sys.exit(143 if isinstance(exc, _Terminated) else 130)
+
+
 class _Group(click.Group):
-    """Turns MlxedgeError into one clear message and exit code 2, for every command."""
+    """Turns MlxedgeError into one clear message and exit code 2, for every command; SIGTERM
+    and SIGINT into removed temporaries, a message saying what was kept, and exit 143 / 130."""
 
     def invoke(self, ctx):
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGTERM, _on_sigterm)
         try:
             return super().invoke(ctx)
         except MlxedgeError as e:
             _fail(e)
-        except KeyboardInterrupt:
-            console.print("interrupted; nothing was written")
-            sys.exit(130)
+        except KeyboardInterrupt as e:
+            _interrupted(e)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -471,11 +508,17 @@ def _fmt(x: float | None, digits: int = 4) -> str:
 @click.argument("candidate")
 @click.option("--reference", "reference", help="MODEL to compare with (KL divergence, top-1).")
 @click.option("--text", "text_spec", help="UTF-8 text file, or `anchors` / `choice` (see README).")
-@click.option("--ctx", default=512, show_default=True, help="Window length in tokens.")
+@click.option(
+    "--ctx",
+    type=click.IntRange(4, 1 << 20),
+    default=512,
+    show_default=True,
+    help="Window length in tokens (at least 4).",
+)
 @click.option(
     "--windows",
     "max_windows",
-    type=int,
+    type=click.IntRange(min=0),
     default=8,
     show_default=True,
     help="Evaluate at most this many windows (0: the whole text).",
@@ -551,15 +594,22 @@ def eval_(candidate, reference, text_spec, ctx, max_windows, backend, as_json):
     "--max-kl",
     type=float,
     default=None,
-    help="Quality gate: largest mean KL divergence from the reference "
-    "(default: by bit width, see README).",
+    callback=_positive_finite,
+    help="Quality gate: largest mean KL divergence from the reference (default: 1.5 times the "
+    "KL of the artifact's plain twin on the same tokens, see README).",
 )
 @click.option("--text", "text_spec", help="UTF-8 text file, or `anchors` / `choice`.")
-@click.option("--ctx", default=512, show_default=True, help="Window length in tokens.")
+@click.option(
+    "--ctx",
+    type=click.IntRange(4, 1 << 20),
+    default=512,
+    show_default=True,
+    help="Window length in tokens (at least 4).",
+)
 @click.option(
     "--windows",
     "max_windows",
-    type=int,
+    type=click.IntRange(min=0),
     default=4,
     show_default=True,
     help="Windows per run of the full protocol (0: the whole text).",
@@ -577,7 +627,9 @@ def crosscheck(
     """Run every ARTIFACT on every backend and gate fidelity and quality.
 
     Fidelity: each backend against the numpy reference run on the artifact's own weights.
-    Quality: against the original model (--reference), mean KL at most --max-kl.
+    Quality: against the original model (--reference), mean KL at most 1.5 times that of the
+    artifact's plain twin (the same storage by round-to-nearest / llama.cpp's quantizer), or
+    --max-kl.
     Exit code 1 when any gate fails (skipped backends do not fail, unless --strict).
     """
     import dataclasses
@@ -632,7 +684,7 @@ def crosscheck(
                 f"{r.backend} ({r.device})",
                 str(q["tokens"]),
                 r.fidelity_limit,
-                f"{q['kl_mean']:.4f} <= {r.max_kl:g}",
+                f"{q['kl_mean']:.4f} <= {r.max_kl:.4g}",
                 f"{q['ppl']:.3f}",
                 f"{100 * q['top1']:.1f}%",
                 result,
@@ -640,9 +692,15 @@ def crosscheck(
         out.print(table)
         for proto in sorted({r.protocol for r in rows if r.protocol}):
             out.print(f"protocol: {proto}")
+        for ceiling in sorted({r.ceiling for r in rows if not r.skipped}):
+            out.print(f"KL ceiling: {ceiling}", soft_wrap=True)
         for r in rows:
             if r.skipped:
                 out.print(f"skipped {r.artifact} on {r.backend}: {r.skipped}", soft_wrap=True)
+            elif r.suspects:
+                named = ", ".join(f"{s.name} ({s.ratio:.3g}x)" for s in r.suspects)
+                out.print(f"{r.artifact}: furthest from the original relative to the plain twin's "
+                          f"error: {named}", soft_wrap=True)  # fmt: skip
     if strict and any(r.skipped for r in rows):
         click.echo("error: --strict: a backend was skipped (see above)", err=True)
         sys.exit(1)
@@ -655,6 +713,7 @@ def crosscheck(
 @click.option("--memory", required=True, help="Budget for weights + KV cache, e.g. 8GB (GB = GiB).")
 @click.option(
     "--context",
+    type=click.IntRange(1, 1 << 32),
     default=4096,
     show_default=True,
     help="Context length the KV cache is sized for (float16).",
@@ -665,7 +724,10 @@ def crosscheck(
     default=None,
     help="Method the settings use (default: the default method).",
 )
-@click.option("--top", default=10, show_default=True, help="Show this many settings.")
+@click.option(
+    "--top", type=click.IntRange(min=1), default=10, show_default=True,
+    help="Show this many settings.",
+)  # fmt: skip
 @click.option("--revision", help="Hub revision (Hub ids only; only config.json is fetched).")
 @click.option("--json", "as_json", is_flag=True, help="Print the settings as JSON.")
 def recommend(model, memory, context, method, top, revision, as_json):

@@ -27,6 +27,7 @@ from .model import Model
 from .runtime import BACKENDS, BackendUnavailable, Tolerance, make_backend
 from .runtime.reference import ReferenceBackend
 from .texts import Text, tokenize, windows
+from .twin import GATE_MULTIPLE, Suspect, TwinUnavailable, backend_floor, diagnose, twin_model
 
 # Mean KL ceilings of the quality gate by bit width: twice the worst choice-text mean KL of our
 # methods at uniform groups of 64 on SmolLM2 (bench/RESULTS.md; `bench/quality.py` prints them),
@@ -66,12 +67,31 @@ def _vocab(model: Model) -> dict[str, int] | None:
     return None if model.tokenizer.raw is None else model.tokenizer.hf.get_vocab()
 
 
+def _same_tokens(a: dict[str, int], b: dict[str, int]) -> bool:
+    """Whether two vocabularies give every id both define the same token.
+
+    An embedding padded beyond its tokenizer (Qwen2.5, Qwen3, Phi-3) has ids without a token;
+    a GGUF export names them `[PAD{id}]`, so its import defines them where the original does
+    not. Such placeholders are not a difference.
+    """
+    ia, ib = {i: t for t, i in a.items()}, {i: t for t, i in b.items()}
+    for i in ia.keys() | ib.keys():
+        ta, tb = ia.get(i), ib.get(i)
+        if ta == tb:
+            continue
+        placeholder = f"[PAD{i}]"
+        if (ta is None and tb == placeholder) or (tb is None and ta == placeholder):
+            continue
+        return False
+    return True
+
+
 def check_same_vocabulary(candidate: Model, reference: Model) -> None:
     """Refuse to compare models whose token ids mean different things."""
     cv, rv = _vocab(candidate), _vocab(reference)
-    same = (cv is None or rv is None or cv == rv) and int(candidate.config["vocab_size"]) == int(
-        reference.config["vocab_size"]
-    )
+    same = (cv is None or rv is None or cv == rv or _same_tokens(cv, rv)) and int(
+        candidate.config["vocab_size"]
+    ) == int(reference.config["vocab_size"])
     if not same:
         raise MlxedgeError(
             f"{candidate.name} has another vocabulary than the reference {reference.name}",
@@ -203,6 +223,9 @@ class CrossRow:
     quality: dict = field(default_factory=dict)
     fidelity_limit: str = ""
     max_kl: float = 0.0
+    ceiling: str = ""  # how max_kl was set
+    twin_kl: float | None = None  # the plain twin's mean KL on the same tokens
+    suspects: list[Suspect] = field(default_factory=list)  # when quality fails (a diagnosis)
     fidelity_ok: bool | None = None
     quality_ok: bool | None = None
 
@@ -272,9 +295,19 @@ def crosscheck(
     runs: list[_Run] = []  # the rows that run, with what they need
     for art in artifacts:
         own = ReferenceBackend(art)  # the yardstick of fidelity: same weights, numpy
-        limit = max_kl if max_kl is not None else default_max_kl(art.bits)
+        twin, no_twin = None, ""
+        if max_kl is None:
+            try:  # the yardstick of quality: the same storage by the plain rule
+                twin = ReferenceBackend(twin_model(reference, art))
+            except TwinUnavailable as e:
+                no_twin = str(e)
         for name in backends:
-            row = CrossRow(art.name, name, max_kl=limit)
+            row = CrossRow(art.name, name)
+            if max_kl is not None:
+                row.max_kl, row.ceiling = max_kl, "--max-kl"
+            elif twin is None:
+                row.max_kl = default_max_kl(art.bits)
+                row.ceiling = f"by bit width (no plain twin: {no_twin})"
             rows.append(row)
             try:
                 backend = own if name == "reference" else make_backend(name, art)
@@ -285,17 +318,23 @@ def crosscheck(
             if budget not in protocols:
                 protocols[budget] = protocol_for(budget, ids, ctx, bos, max_windows, text)
             row.device, row.protocol = backend.device, protocols[budget].description
-            runs.append(_Run(row, backend, own, protocols[budget]))
+            runs.append(_Run(row, backend, own, protocols[budget], twin))
     for protocol in protocols.values():
         _score_windows([r for r in runs if r.protocol is protocol], protocol, original, progress)
     for run in runs:
+        row = run.row
         if run.backend is not run.own:
-            run.row.fidelity = run.fidelity.summary()
-        run.row.fidelity_ok, run.row.fidelity_limit = _fidelity_ok(
-            run.row.fidelity, run.backend.tolerance
-        )
-        run.row.quality = run.quality.summary()
-        run.row.quality_ok = run.row.quality["kl_mean"] <= run.row.max_kl
+            row.fidelity = run.fidelity.summary()
+        row.fidelity_ok, row.fidelity_limit = _fidelity_ok(row.fidelity, run.backend.tolerance)
+        row.quality = run.quality.summary()
+        if run.twin is not None:
+            floor = backend_floor(run.backend.tolerance)
+            row.twin_kl = run.twin_quality.summary()["kl_mean"]
+            row.max_kl = GATE_MULTIPLE * row.twin_kl + floor
+            row.ceiling = f"{GATE_MULTIPLE:g} x plain twin's {row.twin_kl:.4g} + {floor:g}"
+        row.quality_ok = bool(row.quality["kl_mean"] <= row.max_kl)
+        if not row.quality_ok and run.twin is not None:
+            row.suspects = diagnose(original.params, run.own.params, run.twin.params)
     return rows
 
 
@@ -307,8 +346,10 @@ class _Run:
     backend: object
     own: ReferenceBackend  # the artifact's own weights in numpy
     protocol: Protocol
+    twin: ReferenceBackend | None = None  # the artifact's plain twin in numpy
     fidelity: TokenStats = field(default_factory=TokenStats)
     quality: TokenStats = field(default_factory=TokenStats)
+    twin_quality: TokenStats = field(default_factory=TokenStats)  # the twin on the same tokens
 
     @property
     def label(self) -> str:
@@ -327,10 +368,12 @@ def _score_windows(runs: list[_Run], protocol: Protocol, original, progress) -> 
         for run in runs:
             if progress is not None:
                 progress(run.label, i, n)
-            key = id(run.own)
-            if key not in own_logits:
-                own_logits[key] = run.own.logits(seq, first)[:-1]
-            mine = own_logits[key]
+            for model in (run.own, run.twin):
+                if model is not None and id(model) not in own_logits:
+                    own_logits[id(model)] = model.logits(seq, first)[:-1]
+            mine = own_logits[id(run.own)]
+            if run.twin is not None:
+                run.twin_quality.add(own_logits[id(run.twin)], targets, reference)
             if run.backend is run.own:
                 logits = mine
             else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,8 +52,8 @@ def describe(path: Path) -> Description:
     path = Path(path)
     if path.is_file() and path.suffix.lower() == ".gguf":
         return _describe_gguf(path)
-    if path.is_dir() and (path / "config.json").is_file():
-        return _describe_folder(path)
+    if path.is_dir() and os.path.lexists(path / "config.json"):
+        return _describe_folder(path)  # which refuses a config.json that is not a regular file
     raise MlxedgeError(
         "not a GGUF file or a model folder",
         path=path,
@@ -68,6 +69,13 @@ def _describe_folder(path: Path) -> Description:
     ckpt = HFCheckpoint.from_folder(path)
     infos = ckpt.infos()
     quant = config.get("quantization")
+    default = None
+    if quant is not None:
+        from .formats.mlx import mlx_weights
+
+        mlx_weights(ckpt, quant, path)  # the block and every quantized tensor's shapes checked
+        default = module_scheme("the default", {k: v for k, v in quant.items()
+                                                if not isinstance(v, dict)}, path)  # fmt: skip
     by_name = {i.name: i for i in infos}
     types: Counter = Counter()
     params = size = 0
@@ -90,7 +98,7 @@ def _describe_folder(path: Path) -> Description:
         if k in config
     }
     if quant:
-        facts["quantization"] = f"{quant['bits']}-bit, group {quant['group_size']} (default)"
+        facts["quantization"] = f"{default.bits}-bit, group {default.group_size} (default)"
     return Description(
         path=path,
         kind="MLX folder" if quant else "Hugging Face folder",

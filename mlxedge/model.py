@@ -8,7 +8,6 @@ quantize, export, import, eval, crosscheck — takes that one type.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from .errors import MlxedgeError
+from .inputs import parse_json
 
 if TYPE_CHECKING:
     from .archs import Architecture
@@ -84,10 +84,7 @@ class Tokenizer:
                 path=self.where,
                 fix="add the original model's tokenizer files to the folder",
             )
-        try:
-            tok = json.loads(self.raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise MlxedgeError(f"not valid JSON ({e})", path=self.where) from None
+        tok = parse_json(self.raw, self.where)
         if not isinstance(tok, dict) or not isinstance(tok.get("model"), dict):
             raise MlxedgeError("not a tokenizer.json (no 'model' object)", path=self.where)
         return tok
@@ -103,10 +100,7 @@ class Tokenizer:
         if raw is None:
             return {}
         where = str(Path(self.where).with_name("tokenizer_config.json"))
-        try:
-            config = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise MlxedgeError(f"not valid JSON ({e})", path=where) from None
+        config = parse_json(raw, where)
         if not isinstance(config, dict):
             raise MlxedgeError("not a JSON object", path=where)
         return config

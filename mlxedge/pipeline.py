@@ -180,7 +180,7 @@ class _Encoded:
 
 def _finite(w: np.ndarray, plan: TensorPlan, model: Model) -> np.ndarray:
     if not np.isfinite(w.astype(np.float32, copy=False)).all():
-        raise non_finite(plan.source, model.origin)
+        raise non_finite(plan.source, model.path or model.origin)
     return w
 
 
@@ -200,7 +200,7 @@ def _encode(plan: TensorPlan, data, model: Model, method: str) -> _Encoded:
         try:
             qt, err = backend.quantize(data, plan.scheme, plan.dtype, method)
         except backend.NonFiniteWeights:
-            raise non_finite(plan.source, model.origin) from None
+            raise non_finite(plan.source, model.path or model.origin) from None
         return _Encoded([qt.weight, qt.scales, qt.biases], err)
     if plan.ggml_type is not None:
         w = _finite(np.asarray(data, dtype=np.float32), plan, model)

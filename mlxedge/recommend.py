@@ -144,7 +144,9 @@ def model_config(model: str, revision: str | None = None) -> tuple[str, dict]:
     if path.is_dir():
         from .source import read_config
 
-        return path.absolute().name, read_config(path)
+        config = read_config(path)
+        arch_for(config, str(path / "config.json"))  # validated here, where the file is known
+        return path.absolute().name, config
     if path.suffix.lower() == ".gguf" or model == "smollm2" or path.exists():
         from .source import resolve
 
@@ -164,4 +166,6 @@ def model_config(model: str, revision: str | None = None) -> tuple[str, dict]:
             path=model,
             fix="check the id and your network, or set HF_TOKEN for a gated model",
         ) from None
-    return model.split("/")[-1], read_json_object(Path(local))
+    config = read_json_object(Path(local))
+    arch_for(config, f"{model}: config.json")
+    return model.split("/")[-1], config

@@ -8,7 +8,6 @@ itself).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -16,6 +15,7 @@ from pathlib import Path
 
 from .errors import MlxedgeError
 from .formats.hf import HFCheckpoint
+from .inputs import JSON_CAP, TOKENIZER_CAP, read_bytes, read_json
 from .model import Model, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ def local_path(model: str) -> Path | None:
 def _from_gguf(path: Path) -> Model:
     from .formats.gguf.load import load_gguf
 
-    return load_gguf(path)
+    return check_against_spec(load_gguf(path))
 
 
 def _download(repo_id: str, revision: str | None) -> Path:
@@ -158,16 +158,9 @@ def read_json_object(path: Path, missing_ok: bool = False) -> dict:
         path: the file.
         missing_ok: a missing file reads as {} instead of raising.
     """
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        if missing_ok:
-            return {}
-        raise MlxedgeError("no such file", path=path) from None
-    except PermissionError:
-        raise MlxedgeError("permission denied", path=path) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MlxedgeError(f"not valid JSON ({e})", path=path) from None
+    if missing_ok and not os.path.lexists(path):
+        return {}
+    data = read_json(path)
     if not isinstance(data, dict):
         raise MlxedgeError("not a JSON object", path=path)
     return data
@@ -224,7 +217,7 @@ def from_folder(folder: Path, origin: str, hub_id: str | None = None) -> Model:
     for name in SIDE_FILES:
         f = side_file(folder, name)
         if f is not None:
-            side[name] = f.read_bytes()
+            side[name] = read_bytes(f, TOKENIZER_CAP, "tokenizer file")
     name = hub_id.split("/")[-1] if hub_id else folder.absolute().name  # `.`: the folder's name
     readme = side_file(folder, "README.md")
     license_id = _card_field(readme, "license") if readme is not None else None
@@ -241,14 +234,40 @@ def from_folder(folder: Path, origin: str, hub_id: str | None = None) -> Model:
         license=license_id,
         base_model=hub_id,
     )
-    available = {i.name for i in weights.infos()}
-    missing = sorted({e.name for e in model.arch.tensors()} - available)
+    return check_against_spec(model)
+
+
+def check_against_spec(model: Model) -> Model:
+    """Refuse a model whose tensors disagree with its config, before anything is written.
+
+    Every tensor of the architecture's table must be present with the shape the config implies
+    (a config of 0 or 5 layers over 2 blocks, a vocabulary over fewer embedding rows, a wrong
+    KV-head count or a transposed weight otherwise gives an artifact other runtimes refuse).
+
+    Raises:
+        MlxedgeError: naming the first tensor that is missing or misshapen, and the file.
+    """
+    where = model.path
+    config_file = "config.json" if model.kind in ("hf", "mlx") else "metadata"
+    shapes = {i.name: tuple(i.shape) for i in model.weights.infos()}
+    table = model.arch.tensors()
+    missing = [e.name for e in table if e.name not in shapes]
     if missing:
         raise MlxedgeError(
-            f"{len(missing)} tensors the config calls for are missing, e.g. {missing[0]!r}",
-            path=folder,
-            fix="the checkpoint is incomplete; download or convert it again",
+            f"{len(missing)} tensors the {config_file} calls for are missing, e.g. {missing[0]!r}"
+            f" (it describes {model.arch.spec.n_layers} layers)",
+            path=where,
+            fix="the checkpoint is incomplete or its config does not belong to it; "
+            "download or convert it again",
         )
+    for entry in table:
+        if shapes[entry.name] != entry.shape:
+            raise MlxedgeError(
+                f"tensor {entry.name!r} has shape {list(shapes[entry.name])}, but the "
+                f"{config_file} implies {list(entry.shape)}",
+                path=where,
+                fix="the config does not match the weights; use the model's original config",
+            )
     return model
 
 
@@ -288,7 +307,10 @@ def side_file(folder: Path, name: str) -> Path | None:
 
 def _card_field(readme: Path, key: str) -> str | None:
     """A scalar from a model card's YAML front matter (`key: value`), without a YAML parser."""
-    text = readme.read_text(encoding="utf-8", errors="replace")
+    try:
+        text = read_bytes(readme, JSON_CAP, "model card").decode("utf-8", errors="replace")
+    except MlxedgeError:
+        return None  # the card only supplies an optional licence field
     if not text.startswith("---"):
         return None
     front = text.split("---", 2)[1] if text.count("---") >= 2 else ""

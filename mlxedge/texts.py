@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import MlxedgeError
+from .inputs import read_text
 
 DEFAULT_TEXT = "python-docs"
 LICENSE_DIR = Path("/usr/share/common-licenses")
@@ -60,17 +61,10 @@ def load_text(spec: str | None) -> Text:
                 path=missing[0],
                 fix="on Debian/Ubuntu they come with base-files; elsewhere pass --text FILE",
             )
-        content = "".join(f.read_text(encoding="utf-8") for f in files)
+        content = "".join(read_text(f) for f in files)
         return Text(" + ".join(str(f) for f in files), content)
     path = Path(spec).expanduser()
-    try:
-        content = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise MlxedgeError("no such text file", path=path, fix="check the path") from None
-    except IsADirectoryError:
-        raise MlxedgeError("this is a folder, not a text file", path=path) from None
-    except UnicodeDecodeError:
-        raise MlxedgeError("the text is not UTF-8", path=path, fix="convert it to UTF-8") from None
+    content = read_text(path)
     if not content.strip():
         raise MlxedgeError("the text is empty", path=path, fix="pass a text with content")
     return Text(str(path), content)

@@ -285,7 +285,7 @@ def test_a_set_is_committed_whole_or_not_at_all(tmp_path, monkeypatch):
         return real_replace(src, dst)
 
     monkeypatch.setattr(atomic.os, "replace", failing)
-    with pytest.raises(OSError, match="I/O error"):
+    with pytest.raises(MlxedgeError, match="cannot write the output: I/O error"):
         with atomic.atomic_set([(a, False), (b, False)], force=True) as (ta, tb):
             write_gguf(ta, marked=True, n_tensors=3)
             tb.write_text(TEXT_MARK + "FROM ./m.gguf\nPARAMETER stop x\n")

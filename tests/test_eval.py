@@ -16,9 +16,9 @@ from tiny_models import make_tiny_model
 
 from mlxedge.cli import main
 from mlxedge.errors import MlxedgeError
-from mlxedge.harness import FLOAT_MAX_KL, default_max_kl
 from mlxedge.metrics import TokenStats, log_softmax
 from mlxedge.texts import DEFAULT_TEXT, load_text, windows
+from mlxedge.twin import GATE_FLOOR, GATE_MULTIPLE, backend_floor
 
 
 def run(*args):
@@ -153,8 +153,11 @@ def test_crosscheck_passes_on_a_sound_artifact(smollm2_q4):
     assert "runs GGUF files" in rows.pop()["skipped"]  # llama.cpp cannot run an MLX folder
     for r in rows:
         assert r["skipped"] is None and r["passed"] and r["quality_ok"] and r["fidelity_ok"]
-        assert r["max_kl"] == default_max_kl(4)
-        assert 0 < r["quality"]["kl_mean"] < default_max_kl(4)
+        from mlxedge.runtime.mlx_runner import FLOAT32_TOLERANCE  # MLX's CPU backend
+
+        floor = backend_floor(None if r["backend"] == "reference" else FLOAT32_TOLERANCE)
+        assert r["max_kl"] == pytest.approx(GATE_MULTIPLE * r["twin_kl"] + floor)
+        assert 0 < r["quality"]["kl_mean"] < r["max_kl"]
     mlx = rows[1]
     assert mlx["fidelity"]["max_abs_logit"] <= 1e-2 and mlx["quality"]["tokens"] == 63
 
@@ -174,7 +177,8 @@ def test_crosscheck_fails_a_damaged_artifact(smollm2_q4, tmp_path):
     assert code == 1
     (row,) = rows
     assert row["fidelity_ok"] and not row["quality_ok"] and not row["passed"]
-    assert row["quality"]["kl_mean"] > default_max_kl(4)
+    assert row["quality"]["kl_mean"] > row["max_kl"]
+    assert row["suspects"][0]["name"] == "model.layers.10.mlp.down_proj.weight"
 
 
 @pytest.mark.slow
@@ -231,7 +235,8 @@ def test_a_backend_that_cannot_run_is_skipped_with_its_reason(tiny_gguf):
     assert code == 0
     ref, mlx = rows
     assert ref["passed"] and ref["quality"]["kl_mean"] == 0 and ref["quality"]["top1"] == 1
-    assert ref["max_kl"] == FLOAT_MAX_KL  # an unquantized artifact gets the float ceiling
+    # Its plain twin is itself (float32 stays float32): the ceiling is the floor alone.
+    assert ref["twin_kl"] == 0 and ref["max_kl"] == GATE_FLOOR
     assert mlx["skipped"] and "loads model folders" in mlx["skipped"]
 
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..errors import MlxedgeError
 from .ops import Ops, Value
-from .spec import Kind, ModelSpec, Role, TensorEntry
+from .spec import LIMITS, Kind, ModelSpec, Role, TensorEntry
 
 _ROPE_FREQS = "rope_freqs.weight"
 
@@ -85,20 +85,45 @@ class Llama:
         value = self.config.get(key)
         return self.defaults.get(key) if value is None else value
 
-    def _int(self, key: str) -> int:
-        value = self._get(key)
+    def _bad(self, key: str, value: Any, what: str) -> MlxedgeError:
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:40] + "..."
+        return MlxedgeError(
+            f"{key} is {shown}, {what}", path=self.where, fix="use the model's original config.json"
+        )
+
+    def _int(self, key: str, value: Any = None) -> int:
+        """A positive whole number within what any real model uses (`spec.LIMITS`)."""
+        value = self._get(key) if value is None else value
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)  # 2048.0: some converters write whole numbers as floats
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise MlxedgeError(
-                f"{key} is {value!r}, not a positive whole number", path=self.where,
-                fix="use the model's original config.json",
-            )  # fmt: skip
+            raise self._bad(key, value, "not a positive whole number")
+        limit = LIMITS.get(key)
+        if limit is not None and value > limit:
+            raise self._bad(key, value, f"beyond the {limit:,} any real model has")
+        return value
+
+    def _float(self, key: str) -> float:
+        """A positive finite number."""
+        value = self._get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self._bad(key, value, "not a number")
+        if not math.isfinite(value) or value <= 0:
+            raise self._bad(key, value, "not a positive finite number")
+        return float(value)
+
+    def _bool(self, key: str, default: bool = False) -> bool:
+        value = self._get(key)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise self._bad(key, value, "not true or false")
         return value
 
     def _head_dim(self) -> int:
-        stated = self.config.get("head_dim")
-        return (
-            int(stated) if stated else self._int("hidden_size") // self._int("num_attention_heads")
-        )
+        if self.config.get("head_dim") is not None:
+            return self._int("head_dim")
+        return self._int("hidden_size") // self._int("num_attention_heads")
 
     def _windows(self, n_layers: int) -> tuple[int | None, ...]:
         """The sliding window of each block (None: full attention). Llama has none."""
@@ -106,29 +131,33 @@ class Llama:
 
     def _biases(self) -> tuple[bool, bool, bool]:
         """(q/k/v, o, MLP) biases."""
-        attention = bool(self.config.get("attention_bias", False))
-        return attention, attention, bool(self.config.get("mlp_bias", False))
+        attention = self._bool("attention_bias")
+        return attention, attention, self._bool("mlp_bias")
 
     def _qk_norm(self) -> bool:
         return False
 
     def _spec(self) -> ModelSpec:
         n_heads = self._int("num_attention_heads")
-        n_kv = int(self.config.get("num_key_value_heads") or n_heads)
-        head_dim = self._head_dim()
-        if n_kv <= 0 or n_heads % n_kv:
+        n_kv = self._int("num_key_value_heads", self.config.get("num_key_value_heads") or n_heads)
+        if n_heads % n_kv:
             raise MlxedgeError(
                 f"num_attention_heads {n_heads} is not a multiple of num_key_value_heads {n_kv}",
                 path=self.where,
+                fix="use the model's original config.json",
             )
-        if head_dim <= 0 or head_dim % 2:
-            raise MlxedgeError(f"head size {head_dim} is not a positive even number",
-                               path=self.where)  # fmt: skip
+        head_dim = self._head_dim()
+        if head_dim % 2:
+            raise MlxedgeError(f"head size {head_dim} is not an even number", path=self.where,
+                               fix="use the model's original config.json")  # fmt: skip
         n_layers = self._int("num_hidden_layers")
         qkv_bias, o_bias, mlp_bias = self._biases()
         act = self.config.get("hidden_act", "silu")
         if act != "silu":
             raise MlxedgeError(f"hidden_act {act!r} is not supported (silu is)", path=self.where)
+        scaling = self.config.get("rope_scaling") or None
+        if scaling is not None and not isinstance(scaling, dict):
+            raise self._bad("rope_scaling", scaling, "not an object")
         return ModelSpec(
             model_type=self.model_type,
             hidden_size=self._int("hidden_size"),
@@ -138,11 +167,11 @@ class Llama:
             n_heads=n_heads,
             n_kv_heads=n_kv,
             head_dim=head_dim,
-            rms_norm_eps=float(self._get("rms_norm_eps")),
-            rope_theta=float(self._get("rope_theta")),
-            rope_scaling=self.config.get("rope_scaling") or None,
-            max_position_embeddings=int(self._get("max_position_embeddings")),
-            tied=bool(self._get("tie_word_embeddings")),
+            rms_norm_eps=self._float("rms_norm_eps"),
+            rope_theta=self._float("rope_theta"),
+            rope_scaling=scaling,
+            max_position_embeddings=self._int("max_position_embeddings"),
+            tied=self._bool("tie_word_embeddings"),
             windows=self._windows(n_layers),
             qkv_bias=qkv_bias,
             o_bias=o_bias,
@@ -400,6 +429,9 @@ class Llama:
         return {"attention_bias": "blk.0.attn_q.bias" in shapes, "mlp_bias": False}
 
 
+_GGUF_FIX = "the file is damaged or was written by a faulty converter; convert the model again"
+
+
 def _config_from_gguf(cls, meta: dict, shapes: dict, path) -> dict:
     import logging
 
@@ -417,20 +449,45 @@ def _config_from_gguf(cls, meta: dict, shapes: dict, path) -> dict:
             raise MlxedgeError(f"missing metadata key {key(template)}", path=path)
         return value
 
-    def per_layer(value: Any, name: str) -> int:
-        if isinstance(value, list):  # head counts may be stored per layer
-            if len(set(value)) != 1:
-                raise MlxedgeError(f"per-layer {name} values differ; not supported", path=path)
-            value = value[0]
+    def whole(name: str, value: Any) -> int:
+        """A metadata value that must be a positive integer (named, with the file, if not)."""
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+            shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:40] + "..."
+            raise MlxedgeError(f"metadata key {name} is {shown}, not a positive integer",
+                               path=path, fix=_GGUF_FIX)  # fmt: skip
         return int(value)
 
+    def number(name: str, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+            raise MlxedgeError(f"metadata key {name} is {value!r:.40}, not a number", path=path,
+                               fix=_GGUF_FIX)  # fmt: skip
+        if not math.isfinite(float(value)) or value <= 0:
+            raise MlxedgeError(f"metadata key {name} is {value}, not a positive finite number",
+                               path=path, fix=_GGUF_FIX)  # fmt: skip
+        return _decimal(value)
+
+    def per_layer(value: Any, name: str) -> int:
+        if isinstance(value, list):  # head counts may be stored per layer
+            if not value or len(set(value)) != 1:
+                raise MlxedgeError(f"per-layer {name} values differ; not supported", path=path)
+            value = value[0]
+        return whole(name, value)
+
     llm, attn, rope = gguf.Keys.LLM, gguf.Keys.Attention, gguf.Keys.Rope
-    hidden = int(need(llm.EMBEDDING_LENGTH))
+    hidden = whole(key(llm.EMBEDDING_LENGTH), need(llm.EMBEDDING_LENGTH))
     n_head = per_layer(need(attn.HEAD_COUNT), key(attn.HEAD_COUNT))
     n_kv = per_layer(meta.get(key(attn.HEAD_COUNT_KV), n_head), key(attn.HEAD_COUNT_KV))
-    head_dim = int(meta.get(key(attn.KEY_LENGTH)) or hidden // n_head)
+    if n_head % n_kv:
+        raise MlxedgeError(
+            f"metadata key {key(attn.HEAD_COUNT)} = {n_head} is not a multiple of "
+            f"{key(attn.HEAD_COUNT_KV)} = {n_kv}",
+            path=path,
+            fix=_GGUF_FIX,
+        )
+    stated = meta.get(key(attn.KEY_LENGTH))
+    head_dim = whole(key(attn.KEY_LENGTH), stated) if stated is not None else hidden // n_head
     rope_dim = meta.get(key(rope.DIMENSION_COUNT))
-    if rope_dim is not None and int(rope_dim) != head_dim:
+    if rope_dim is not None and whole(key(rope.DIMENSION_COUNT), rope_dim) != head_dim:
         raise MlxedgeError(
             f"partial rotary ({key(rope.DIMENSION_COUNT)} = {rope_dim}, head size {head_dim}) "
             "is not supported",
@@ -456,14 +513,14 @@ def _config_from_gguf(cls, meta: dict, shapes: dict, path) -> dict:
         "model_type": cls.model_type,
         "architectures": [cls.hf_class],
         "hidden_size": hidden,
-        "intermediate_size": int(need(llm.FEED_FORWARD_LENGTH)),
-        "num_hidden_layers": int(need(llm.BLOCK_COUNT)),
+        "intermediate_size": whole(key(llm.FEED_FORWARD_LENGTH), need(llm.FEED_FORWARD_LENGTH)),
+        "num_hidden_layers": whole(key(llm.BLOCK_COUNT), need(llm.BLOCK_COUNT)),
         "num_attention_heads": n_head,
         "num_key_value_heads": n_kv,
         "head_dim": head_dim,
-        "rms_norm_eps": _decimal(need(attn.LAYERNORM_RMS_EPS)),
-        "rope_theta": _decimal(rope_theta),
-        "max_position_embeddings": int(need(llm.CONTEXT_LENGTH)),
+        "rms_norm_eps": number(key(attn.LAYERNORM_RMS_EPS), need(attn.LAYERNORM_RMS_EPS)),
+        "rope_theta": number(key(rope.FREQ_BASE), rope_theta),
+        "max_position_embeddings": whole(key(llm.CONTEXT_LENGTH), need(llm.CONTEXT_LENGTH)),
         "vocab_size": int(vocab_size),
         "tie_word_embeddings": "output.weight" not in shapes,
         "torch_dtype": "float32",
@@ -473,14 +530,17 @@ def _config_from_gguf(cls, meta: dict, shapes: dict, path) -> dict:
     kind = meta.get(rope.SCALING_TYPE.format(arch=arch_name))
     factor = meta.get(rope.SCALING_FACTOR.format(arch=arch_name))
     if kind not in (None, "none") and factor is not None:
-        scaling: dict[str, Any] = {"type": kind, "rope_type": kind, "factor": _decimal(factor)}
+        factor = number(rope.SCALING_FACTOR.format(arch=arch_name), factor)
+        scaling: dict[str, Any] = {"type": kind, "rope_type": kind, "factor": factor}
         original = meta.get(rope.SCALING_ORIG_CTX_LEN.format(arch=arch_name))
         if original is not None:
-            scaling["original_max_position_embeddings"] = int(original)
+            scaling["original_max_position_embeddings"] = whole(
+                rope.SCALING_ORIG_CTX_LEN.format(arch=arch_name), original
+            )
         config["rope_scaling"] = scaling
     for role, meta_key in (("bos", TokenizerKeys.BOS_ID), ("eos", TokenizerKeys.EOS_ID)):
         if (tid := meta.get(meta_key)) is not None:
-            config[f"{role}_token_id"] = int(tid)
+            config[f"{role}_token_id"] = whole(meta_key, tid) if tid else 0
     return config
 
 

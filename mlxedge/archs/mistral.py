@@ -25,7 +25,7 @@ class Mistral(Llama):
 
     def _windows(self, n_layers: int) -> tuple[int | None, ...]:
         window = self.config.get("sliding_window", 4096)  # MistralConfig's default
-        return (int(window) if window else None,) * n_layers
+        return (self._int("sliding_window", window) if window else None,) * n_layers
 
     def _biases(self) -> tuple[bool, bool, bool]:
         return False, False, False

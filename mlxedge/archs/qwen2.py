@@ -25,8 +25,8 @@ def windows_by_layer_type(config: dict, n_layers: int) -> tuple[int | None, ...]
         return tuple(window if t == "sliding_attention" else None for t in types)
     if not window:
         return (None,) * n_layers
-    first = int(config.get("max_window_layers", 28))
-    return tuple(int(window) if i >= first else None for i in range(n_layers))
+    first = config.get("max_window_layers", 28)
+    return tuple(window if i >= first else None for i in range(n_layers))
 
 
 class Qwen2(Llama):
@@ -43,7 +43,13 @@ class Qwen2(Llama):
         return self._int("hidden_size") // self._int("num_attention_heads")
 
     def _windows(self, n_layers: int) -> tuple[int | None, ...]:
-        return windows_by_layer_type(self.config, n_layers)
+        first = self.config.get("max_window_layers")
+        if first is not None and (
+            isinstance(first, bool) or not isinstance(first, int) or first < 0
+        ):
+            raise self._bad("max_window_layers", first, "not a whole number of layers")
+        windows = windows_by_layer_type(self.config, n_layers)
+        return tuple(None if w is None else self._int("sliding_window", w) for w in windows)
 
     def _biases(self) -> tuple[bool, bool, bool]:
         return True, False, False

@@ -21,7 +21,7 @@ class Qwen3(Qwen2):
         return self._int("head_dim")
 
     def _biases(self) -> tuple[bool, bool, bool]:
-        attention = bool(self.config.get("attention_bias", False))
+        attention = self._bool("attention_bias")
         return attention, attention, False
 
     def _qk_norm(self) -> bool:

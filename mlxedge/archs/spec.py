@@ -19,6 +19,22 @@ import numpy as np
 
 from ..errors import MlxedgeError
 
+# Upper bounds on a config's sizes: several times what the largest published models use (126
+# layers, hidden 25,600, FFN 73,728, vocabulary 262,144, 128 heads, a 10M-token context), low
+# enough that a damaged config fails here instead of building billions of tensor names or
+# allocating terabytes.
+LIMITS = {
+    "num_hidden_layers": 1024,
+    "hidden_size": 1 << 17,
+    "intermediate_size": 1 << 19,
+    "vocab_size": 1 << 22,
+    "num_attention_heads": 1024,
+    "num_key_value_heads": 1024,
+    "head_dim": 4096,
+    "max_position_embeddings": 1 << 32,
+    "sliding_window": 1 << 32,
+}
+
 # llama.cpp's tensor classes, as gguf-py names them (MODEL_TENSOR.ATTN_V, .FFN_DOWN, .OUTPUT...).
 Kind = gguf.MODEL_TENSOR
 

@@ -17,6 +17,7 @@ import numpy as np
 from ..archs import Role
 from ..atomic import atomic_output
 from ..errors import MlxedgeError
+from ..inputs import read_json
 from ..model import Model, TensorInfo
 from ..plan import TensorPlan
 from ..quant.schemes import storage_dtype
@@ -85,10 +86,10 @@ class HFCheckpoint:
     @classmethod
     def _from_index(cls, folder: Path, index_path: Path) -> HFCheckpoint:
         fix = "download or convert the model again"
-        try:
-            weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
-        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
-            raise MlxedgeError(f"cannot read the weight_map ({exc!r})", index_path, fix) from exc
+        index = read_json(index_path)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if weight_map is None:
+            raise MlxedgeError("has no weight_map object", index_path, fix)
         if not isinstance(weight_map, dict) or not all(
             isinstance(v, str) for v in weight_map.values()
         ):

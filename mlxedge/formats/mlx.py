@@ -352,8 +352,8 @@ class DequantizedMLX:
                 continue  # folded into the weight
             if quantized and name.endswith(".weight"):
                 scheme = module_scheme(module, quantization, folder)
-                rows, packed = info.shape
-                infos.append(TensorInfo(name, (rows, packed * 32 // scheme.bits), "float32"))
+                cols = _check_quantized(name, raw, scheme, folder)
+                infos.append(TensorInfo(name, (info.shape[0], cols), "float32"))
                 self._schemes[name] = scheme
             else:
                 infos.append(info)
@@ -381,6 +381,57 @@ class DequantizedMLX:
             return self._ckpt.read(name, rows)
         return dequantize(self.quantized(name, rows))
 
+    def plain_twin(self, name: str, w: np.ndarray) -> np.ndarray:
+        """Float weights `w` stored as this folder stores `name`, by MLX's round-to-nearest
+        (the quality gate's yardstick, see `twin`)."""
+        from ..quant import backend
+        from ..twin import round_to_float
+
+        dtypes = {i.name: i.dtype for i in self._ckpt.infos()}
+        scheme = self._schemes.get(name)
+        if scheme is None:
+            return round_to_float(w, dtypes[name])
+        module = name[: -len(".weight")]
+        qt, _ = backend.quantize(w, scheme, dtypes[module + ".scales"], "rtn")
+        return dequantize(qt)
+
+
+def _check_quantized(name: str, raw: dict[str, TensorInfo], scheme: AffineScheme,
+                     folder: Path) -> int:  # fmt: skip
+    """The column count of quantized weight `name`, after checking that its codes, scales and
+    biases fit together and its scheme: MLX itself does not check, and a `.scales` of the wrong
+    shape kills it (SIGFPE) instead of raising.
+
+    Raises:
+        MlxedgeError: naming the tensor, its shapes and the folder.
+    """
+    module = name[: -len(".weight")]
+    weight, scales, biases = raw[name], raw[module + ".scales"], raw.get(module + ".biases")
+    fix = "the folder is damaged or was not written by mlx-lm or mlxedge; quantize it again"
+    if biases is None:
+        raise MlxedgeError(f"quantized weight {name!r} has .scales but no .biases "
+                           f"({MODE} quantization stores both)", path=folder, fix=fix)  # fmt: skip
+    if len(weight.shape) != 2 or weight.dtype not in ("uint32", "U32"):
+        raise MlxedgeError(f"quantized weight {name!r} is {weight.dtype} {list(weight.shape)}, "
+                           "not a 2-D uint32 array of packed codes", path=folder,
+                           fix=fix)  # fmt: skip
+    rows, packed = weight.shape
+    cols = packed * 32 // scheme.bits
+    if packed * 32 % scheme.bits or cols % scheme.group_size:
+        raise MlxedgeError(f"quantized weight {name!r} has {packed} words per row, which is no "
+                           f"whole number of {scheme.bits}-bit groups of {scheme.group_size}",
+                           path=folder, fix=fix)  # fmt: skip
+    groups = (rows, cols // scheme.group_size)
+    for info in (scales, biases):
+        if tuple(info.shape) != groups:
+            raise MlxedgeError(
+                f"{info.name!r} has shape {list(info.shape)}, but {name!r} at {scheme.bits} bits "
+                f"in groups of {scheme.group_size} needs {list(groups)}",
+                path=folder,
+                fix=fix,
+            )
+    return cols
+
 
 def module_scheme(module: str, quantization: dict, folder: Path) -> AffineScheme:
     """The scheme an MLX folder's `quantization` block gives a module (its own entry, else the
@@ -391,13 +442,22 @@ def module_scheme(module: str, quantization: dict, folder: Path) -> AffineScheme
     """
     entry = quantization.get(module)
     source = entry if isinstance(entry, dict) else quantization
+    where = folder / "config.json"
+    values = []
+    for key in ("bits", "group_size"):
+        value = source.get(key)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise MlxedgeError(
+                f"the quantization block gives {module} no whole-number {key} ({value!r:.40})",
+                path=where,
+                fix="the config is damaged; use the one the folder was written with",
+            )
+        values.append(value)
     try:
-        return AffineScheme(int(source["bits"]), int(source["group_size"]))
-    except (KeyError, TypeError, ValueError) as e:
-        raise MlxedgeError(
-            f"config.json's quantization block is unreadable for {module} ({e})",
-            path=folder / "config.json",
-        ) from None
+        return AffineScheme(*values)
+    except MlxedgeError as e:
+        raise MlxedgeError(f"the quantization block for {module}: {e.message}", path=where,
+                           fix=e.fix) from None  # fmt: skip
 
 
 def mlx_weights(
@@ -409,6 +469,11 @@ def mlx_weights(
         MlxedgeError: an unreadable quantization block.
     """
     if not isinstance(quantization, dict):
-        raise MlxedgeError("config.json's quantization is not an object", path=folder)
-    bits = quantization.get("bits")
-    return DequantizedMLX(checkpoint, quantization, folder), (int(bits) if bits else None)
+        raise MlxedgeError(
+            f"the quantization block is a {type(quantization).__name__}, not an object",
+            path=folder / "config.json",
+            fix="the config is damaged; use the one the folder was written with",
+        )
+    default = module_scheme("the default", {k: v for k, v in quantization.items()
+                                            if not isinstance(v, dict)}, folder)  # fmt: skip
+    return DequantizedMLX(checkpoint, quantization, folder), default.bits

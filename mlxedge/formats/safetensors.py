@@ -25,6 +25,7 @@ import ml_dtypes
 import numpy as np
 
 from mlxedge.errors import MlxedgeError
+from mlxedge.inputs import open_regular, parse_json
 from mlxedge.model import TensorInfo
 
 logger = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ class SafetensorsFile:
         # name -> (dtype, shape, absolute begin, absolute end), in data order.
         self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
         try:
-            with open(self.path, "rb") as f:
+            with open_regular(self.path, "safetensors file") as f:
                 size = os.fstat(f.fileno()).st_size
                 if size < 8:
                     self._fail(f"is {size} bytes long, shorter than the 8-byte header length")
@@ -142,9 +143,13 @@ class SafetensorsFile:
 
     def _parse_header(self, raw: bytes, data_start: int, data_size: int) -> None:
         try:
-            header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys)
-        except (UnicodeDecodeError, ValueError) as exc:
+            header = parse_json(
+                raw.decode("utf-8"), self.path, object_pairs_hook=_reject_duplicate_keys
+            )
+        except UnicodeDecodeError as exc:
             self._fail(f"header is not UTF-8 JSON ({exc})")
+        except MlxedgeError as exc:
+            self._fail(f"header: {exc.message}")
         if not isinstance(header, dict):
             self._fail(f"header is a JSON {type(header).__name__}, not an object")
         # mx.save_safetensors writes "__metadata__": null when it has none.
@@ -166,6 +171,8 @@ class SafetensorsFile:
                 )
             if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
                 self._fail(f"tensor {name!r} has shape {shape!r}; dims must be integers >= 0")
+            if len(shape) > 8 or any(d >= 1 << 40 for d in shape):  # an empty one can claim any
+                self._fail(f"tensor {name!r} has shape {shape!r:.80}, beyond any real tensor")
             if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_int, offsets))):
                 self._fail(f"tensor {name!r} has data_offsets {offsets!r}; expected [begin, end]")
             begin, end = offsets

@@ -32,11 +32,13 @@ enum { M_RTN = 0, M_MSE = 1, M_ZERO = 2 };
 INLINE uint32_t f32_bits(float x) { uint32_t u; memcpy(&u, &x, 4); return u; }
 INLINE float bits_f32(uint32_t u) { float x; memcpy(&x, &u, 4); return x; }
 
-/* float32 -> bfloat16 bits, round to nearest even (inputs are finite). */
+/* float32 -> bfloat16 bits, round to nearest even. A NaN stays a (quiet) NaN: rounding its bits
+ * would carry some payloads (top half 0x7FFF, 0xFFFF) over into +-0, past the finite check. */
 INLINE uint16_t to_bf16(float x) {
     uint32_t u = f32_bits(x);
-    u += 0x7FFFu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
+    uint32_t nan = (uint16_t)((u >> 16) | 0x0040u);
+    uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    return (uint16_t)((u & 0x7FFFFFFFu) > 0x7F800000u ? nan : rounded);
 }
 INLINE float from_bf16(uint16_t h) { return bits_f32((uint32_t)h << 16); }
 

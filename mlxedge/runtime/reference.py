@@ -9,11 +9,12 @@ decoder itself is written once in its `archs/` module.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
 from ..archs import Architecture, arch_for
-from ..errors import MlxedgeError
+from ..errors import MlxedgeError, non_finite
 from ..model import TensorSource
 from .numpy_ops import NumpyOps
 
@@ -32,11 +33,19 @@ class ReferenceModel:
         self.vocab_size = arch.spec.vocab_size
 
     @classmethod
-    def from_source(cls, config: dict, source: TensorSource) -> ReferenceModel:
+    def from_source(
+        cls, config: dict, source: TensorSource, where: str | Path | None = None
+    ) -> ReferenceModel:
         """Read every parameter the architecture's table lists from `source` (as float32).
 
+        Args:
+            config: the model's config.
+            source: its tensors.
+            where: the file or folder they come from, named in errors.
+
         Raises:
-            MlxedgeError: the config is unusable, or the checkpoint lacks a parameter.
+            MlxedgeError: the config is unusable, the checkpoint lacks a parameter, or one
+                holds NaN or Inf values.
         """
         arch = arch_for(config, "config.json")
         names = [e.name for e in arch.tensors()]
@@ -47,13 +56,18 @@ class ReferenceModel:
                 f"the checkpoint lacks {len(missing)} tensors, e.g. {missing[0]!r}",
                 fix="use a complete checkpoint of the model",
             )
-        params = {n: np.ascontiguousarray(source.read(n), dtype=np.float32) for n in names}
+        params = {}
+        for n in names:
+            params[n] = np.ascontiguousarray(source.read(n), dtype=np.float32)
+            if not np.isfinite(params[n]).all():  # would print a perplexity of nan
+                raise non_finite(n, where or "the model")
         return cls(arch, params)
 
     @classmethod
     def from_model(cls, model) -> ReferenceModel:
         """`from_source` of a `model.Model`'s config and weights."""
-        return cls.from_source(model.config, model.weights)
+        where = getattr(model, "path", None) or getattr(model, "origin", None)
+        return cls.from_source(model.config, model.weights, where)
 
     def logits(self, ids: Sequence[int], first: int = 0) -> np.ndarray:
         """Next-token logits at positions first..len(ids)-1 (float32, (len(ids) - first, vocab)).
@@ -80,7 +94,15 @@ class ReferenceBackend:
         self._model = model
         self._ref: ReferenceModel | None = None
 
-    def logits(self, ids: np.ndarray, first: int = 0) -> np.ndarray:
+    @property
+    def params(self) -> dict[str, np.ndarray]:
+        """The model's float32 parameters by name (read on first use)."""
+        return self._reference().ops.params
+
+    def _reference(self) -> ReferenceModel:
         if self._ref is None:
-            self._ref = ReferenceModel.from_source(self._model.config, self._model.weights)
-        return self._ref.logits(ids, first)
+            self._ref = ReferenceModel.from_model(self._model)
+        return self._ref
+
+    def logits(self, ids: np.ndarray, first: int = 0) -> np.ndarray:
+        return self._reference().logits(ids, first)

@@ -93,6 +93,23 @@ class GGUFTensorSource:
         values = entry.from_gguf(values.reshape(-1, *tensor.shape[1:]))
         return values if rows is None else values[rows[0] : rows[1]]
 
+    def plain_twin(self, name: str, w: np.ndarray) -> np.ndarray:
+        """Float weights `w` stored in this file's type for `name` by llama.cpp's reference
+        quantizer, without an importance matrix (the quality gate's yardstick, see `twin`).
+
+        Rows are quantized independently, so llama's q/k row permutation does not change them.
+        """
+        from mlxedge.quant.ggml import TYPES, dequantize_rows, quantize_rows
+        from mlxedge.twin import TwinUnavailable, round_to_float
+
+        tensor, _ = self._tensors[name]
+        type_name = tensor.type.name
+        if type_name in ("F32", "F16", "BF16"):
+            return round_to_float(w, type_name)
+        if type_name not in TYPES or w.ndim != 2:
+            raise TwinUnavailable(f"{tensor.name} is {type_name}, which has no plain rule here")
+        return dequantize_rows(quantize_rows(w, type_name), type_name, w.shape[1])
+
 
 def load_gguf(path: Path) -> Model:
     """Open a GGUF file as a model: HF config, lazily dequantized tensors and tokenizer files.
@@ -114,7 +131,14 @@ def load_gguf(path: Path) -> Model:
     metadata = file.metadata
     arch_name = metadata.get(gguf.Keys.General.ARCHITECTURE)
     if arch_name is None:
-        raise MlxedgeError("missing metadata key general.architecture", path=path)
+        raise MlxedgeError(
+            "missing metadata key general.architecture",
+            path=path,
+            fix="the file is damaged or not a model; convert the model again",
+        )
+    if not isinstance(arch_name, str):
+        raise MlxedgeError(f"metadata key general.architecture is {arch_name!r:.40}, not a name",
+                           path=path)  # fmt: skip
     cls = arch_for_gguf(arch_name, path)
     shapes = {t.name: t.shape for t in file.tensors.values()}
     config = cls.config_from_gguf(metadata, shapes, path)

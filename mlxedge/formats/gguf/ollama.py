@@ -11,9 +11,12 @@ markup, an unknown format) gets none, with a warning, and Ollama falls back to i
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 Conversation = list[dict[str, str]]
 
@@ -87,21 +90,11 @@ def _token_text(value) -> str:
 
 
 def _jinja_render(template: str, conv: Conversation, tok_config: dict) -> str:
-    """The prompt transformers would build (its sandboxed Jinja with the same whitespace rules)."""
-    from jinja2.exceptions import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    """The prompt transformers would build (in this process: for tests and trusted templates)."""
+    from .jinja_probe import render
 
-    def raise_exception(message):
-        raise TemplateError(message)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = raise_exception
-    return env.from_string(template).render(
-        messages=conv,
-        add_generation_prompt=True,
-        bos_token=_token_text(tok_config.get("bos_token")),
-        eos_token=_token_text(tok_config.get("eos_token")),
-    )
+    bos, eos = _token_text(tok_config.get("bos_token")), _token_text(tok_config.get("eos_token"))
+    return render(template, [conv], bos, eos)[0]
 
 
 @dataclass(frozen=True)
@@ -116,12 +109,15 @@ def recognise(template: str, tok_config: dict, adds_bos: bool) -> Recognised | N
     `adds_bos`: the tokenizer puts BOS in front by itself, so a template's leading BOS is not part
     of what Ollama's template must write.
     """
-    try:
-        with_system = _jinja_render(template, _WITH_SYSTEM, tok_config)
-        without = _jinja_render(template, _WITHOUT_SYSTEM, tok_config)
-    except Exception:  # a template that cannot render our probes is not one we recognise
-        return None
+    from .jinja_probe import render_bounded
+
     bos = _token_text(tok_config.get("bos_token"))
+    eos = _token_text(tok_config.get("eos_token"))
+    renders = render_bounded(template, [_WITH_SYSTEM, _WITHOUT_SYSTEM], bos, eos)
+    if isinstance(renders, str):  # a template that cannot render our probes is not one we know
+        log.warning("the chat template was not recognised: %s", renders)
+        return None
+    with_system, without = renders
     if adds_bos and bos and with_system.startswith(bos) and without.startswith(bos):
         with_system, without = with_system[len(bos) :], without[len(bos) :]
     for family in FAMILIES:

@@ -252,6 +252,7 @@ class GGUFFile:
         if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
             raise cur.fail(f"general.alignment is {alignment!r}, not a power of two")
         self.data_start = -(-cur.pos // alignment) * alignment
+        self.alignment = alignment
         self.tensors = self._table(entries, cur)
 
     def _table(self, entries, cur: _Cursor) -> dict[str, GGUFTensor]:
@@ -268,6 +269,9 @@ class GGUFFile:
                 raise cur.fail(f"tensor {name} has sizes {ne}, not whole {qtype.name} blocks")
             n_elements = int(np.prod(ne, dtype=object))
             n_bytes = n_elements // block * type_size
+            if offset % self.alignment:  # llama.cpp refuses these; reading them shifts bytes
+                raise cur.fail(f"tensor {name} starts at offset {offset}, not a multiple of the "
+                               f"alignment {self.alignment}")  # fmt: skip
             start = self.data_start + offset
             if start + n_bytes > cur.size:
                 raise cur.fail(f"tensor {name} ends past the end of the file")
