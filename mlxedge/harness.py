@@ -298,7 +298,9 @@ def crosscheck(
         twin, no_twin = None, ""
         if max_kl is None:
             try:  # the yardstick of quality: the same storage by the plain rule
-                twin = ReferenceBackend(twin_model(reference, art))
+                twin_of = twin_model(reference, art)
+                # float32 throughout: the twin is the original, whose KL is 0 by definition
+                twin = original if twin_of.weights.is_original else ReferenceBackend(twin_of)
             except TwinUnavailable as e:
                 no_twin = str(e)
         for name in backends:
@@ -364,7 +366,7 @@ def _score_windows(runs: list[_Run], protocol: Protocol, original, progress) -> 
         targets = protocol.targets(i)
         # the last position has no next token in the sequence
         reference = original.logits(seq, first)[:-1]
-        own_logits: dict[int, np.ndarray] = {}
+        own_logits: dict[int, np.ndarray] = {id(original): reference}  # a twin may be it
         for run in runs:
             if progress is not None:
                 progress(run.label, i, n)

@@ -63,10 +63,15 @@ class TwinSource:
         self._original, self._artifact = original, artifact
         theirs = {i.name: tuple(i.shape) for i in original.infos()}
         self._infos = []
+        quantized = getattr(artifact, "scheme", lambda name: None)  # an MLX folder's schemes
+        # Every tensor stored in float32: the twin is the original itself (no run needed).
+        self.is_original = True
         for info in artifact.infos():
             if theirs.get(info.name) != tuple(info.shape):
                 raise TwinUnavailable(f"{info.name} differs from the original's")
             self._infos.append(TensorInfo(info.name, tuple(info.shape), "float32"))
+            if info.dtype not in ("float32", "F32") or quantized(info.name) is not None:
+                self.is_original = False
 
     def infos(self) -> list[TensorInfo]:
         return list(self._infos)
