@@ -26,7 +26,7 @@ from .metrics import TokenStats
 from .model import Model
 from .runtime import BACKENDS, BackendUnavailable, Tolerance, make_backend
 from .runtime.reference import ReferenceBackend
-from .texts import Text, tokenize, windows
+from .texts import Text, check_ids, tokenize, windows
 from .twin import GATE_MULTIPLE, Suspect, TwinUnavailable, backend_floor, diagnose, twin_model
 
 # Mean KL ceilings of the quality gate by bit width: twice the worst choice-text mean KL of our
@@ -195,6 +195,7 @@ def evaluate(
     except BackendUnavailable as e:
         raise MlxedgeError(f"the {backend} backend cannot run here: {e}") from None
     ids = tokenize(text, tok_model.tokenizer)
+    check_ids(ids, candidate.arch.spec.vocab_size, tok_model.tokenizer.where)
     bos = bos_id(tok_model)
     protocol = protocol_for(budget_of(run, ctx), ids, ctx, bos, max_windows, text)
     against = ReferenceBackend(reference) if reference is not None else None
@@ -288,6 +289,7 @@ def crosscheck(
     for art in artifacts:
         check_same_vocabulary(art, reference)
     ids = tokenize(text, reference.tokenizer)
+    check_ids(ids, reference.arch.spec.vocab_size, reference.tokenizer.where)
     bos = bos_id(reference)
     original = original or ReferenceBackend(reference)
     protocols: dict[int | None, Protocol] = {}

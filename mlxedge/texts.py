@@ -73,7 +73,23 @@ def load_text(spec: str | None) -> Text:
 def tokenize(text: Text, tokenizer) -> list[int]:
     """Token ids of the whole text by a `model.Tokenizer` (no special tokens; BOS is placed per
     window)."""
-    return tokenizer.hf.encode(text.content, add_special_tokens=False).ids
+    hf = tokenizer.hf
+    try:
+        return hf.encode(text.content, add_special_tokens=False).ids
+    except Exception as e:  # the tokenizers library raises plain Exceptions
+        raise MlxedgeError(f"the tokenizer cannot encode the text ({e})", path=tokenizer.where,
+                           fix="use the model's original tokenizer files") from None  # fmt: skip
+
+
+def check_ids(ids: list[int], vocab_size: int, where) -> None:
+    """Refuse token ids the model has no embedding row for (a tokenizer larger than the model)."""
+    if ids and max(ids) >= vocab_size:
+        raise MlxedgeError(
+            f"the tokenizer gives token id {max(ids)}, but the model has only {vocab_size} "
+            "embedding rows",
+            path=where,
+            fix="the tokenizer files do not belong to this model; use its original ones",
+        )
 
 
 def windows(

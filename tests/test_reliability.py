@@ -330,3 +330,27 @@ def test_fuzz_config_validation(model_type, changes):
        changes=st.dictionaries(st.sampled_from(_KEYS), _CONFIG_VALUES, max_size=6))  # fmt: skip
 def test_fuzz_config_validation_long(model_type, changes):
     _check_config(model_type, changes)
+
+
+# --- code in a model folder is never run --------------------------------------------------------
+
+
+def test_a_config_model_file_is_never_run(tmp_path):
+    from click.testing import CliRunner
+    from tiny_models import make_tiny_model
+
+    from mlxedge.cli import main
+
+    folder = make_tiny_model(tmp_path / "m", "llama", layers=1, dtype="float32")
+    out = tmp_path / "q"
+    assert CliRunner().invoke(main, ["quantize", str(folder), "-o", str(out)]).exit_code == 0
+    marker = tmp_path / "ran"
+    (out / "custom.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    config = json.loads((out / "config.json").read_text())
+    config["model_file"] = "custom.py"
+    (out / "config.json").write_text(json.dumps(config))
+    result = CliRunner().invoke(main, ["crosscheck", str(out), "--reference", str(folder),
+                                       "--windows", "1", "--ctx", "64", "--backends", "mlx",
+                                       "--json"])  # fmt: skip
+    (row,) = json.loads(result.output)
+    assert "never runs code" in row["skipped"] and not marker.exists()

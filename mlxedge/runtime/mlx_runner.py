@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import MlxedgeError
 from . import BackendUnavailable, Tolerance
 
 CPU_TOKEN_BUDGET = 64
@@ -27,6 +28,11 @@ class MLXBackend:
             raise BackendUnavailable(
                 f"mlx-lm loads model folders; {model.name} is a {model.kind} model "
                 "(quantize or import it to a folder first)"
+            )
+        if model.config.get("model_file") is not None:
+            raise BackendUnavailable(
+                f"its config names a Python model file ({model.config['model_file']!r}); "
+                "mlxedge never runs code from a model folder"
             )
         try:
             import mlx.core as mx
@@ -46,7 +52,11 @@ class MLXBackend:
     def logits(self, ids: np.ndarray, first: int = 0) -> np.ndarray:
         mx = self._mx
         if self._model is None:
-            self._model, _ = self._load_model(self._folder)
+            try:
+                self._model, _ = self._load_model(self._folder)
+            except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
+                fix = "check the folder with `mlxedge inspect`"
+                raise MlxedgeError(f"mlx-lm cannot load it: {e}", self._folder, fix) from None
             if self._float32:
                 self._model.set_dtype(mx.float32)
         out = self._model(mx.array(np.asarray(ids, dtype=np.int32))[None])[0, first:]
