@@ -464,3 +464,22 @@ def test_output_paths_the_system_refuses(command, base, tmp_path):
         assert result.exit_code == 2, f"{what}: {result.output}"
         assert "Traceback" not in result.output and "fix:" in result.output, what
         assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"], what
+
+
+@pytest.mark.parametrize(
+    "override,says",
+    [
+        ("model.layers.0.mlp.up_proj=7", "7 bits"),
+        ("model.layers.0.mlp.up_proj=4:48", "group size 48"),
+        ("model.layers.0.mlp.up_proj=four", "whole numbers"),
+        ("model.layers.[=4", "bad regular expression"),
+        ("model.layer.0.mlp.up_proj=8", "matches no quantized module"),
+    ],
+)
+def test_override_errors_name_the_override(override, says, base, tmp_path):
+    result, _ = _run(["quantize", str(base["hf"]), "-o", str(tmp_path / "out"),
+                      "--override", override])  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert f"override '{override.rpartition('=')[0]}" in result.output  # the override is named
+    assert says in result.output and "Traceback" not in result.output
+    assert list(tmp_path.iterdir()) == []

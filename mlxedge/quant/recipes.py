@@ -55,7 +55,10 @@ class Override:
                 fix=f"BITS from {SUPPORTED_BITS} or 16/keep; GROUP from 32, 64, 128",
             ) from None
         if bits is not None:
-            AffineScheme(bits, group or 64)  # validates both, naming the valid choices
+            try:
+                AffineScheme(bits, group or 64)  # validates both, naming the valid choices
+            except MlxedgeError as e:
+                raise MlxedgeError(f"override {text!r}: {e.message}", fix=e.fix) from None
         return cls(pattern, bits, group)
 
 
@@ -145,6 +148,8 @@ def plan_tensors(
 
     size = storage_dtype(dtype).itemsize
     plans = []
+    matched: set[str] = set()
+    example = ""
     for info in infos:
         role = arch.role(info.name)
         if role == Role.DROP:
@@ -159,6 +164,8 @@ def plan_tensors(
                 if ov.pattern.fullmatch(module):
                     bits = ov.bits
                     group = ov.group_size or group
+                    matched.add(ov.pattern.pattern)
+            example = example or module
         scheme, note = None, ""
         if bits is not None:
             if len(info.shape) != 2:
@@ -176,4 +183,10 @@ def plan_tensors(
         plans.append(TensorPlan(info.name, info.name, tuple(info.shape), arch.entry(info.name),
                                 info.dtype, scheme=scheme, dtype=dtype, note=note,
                                 nbytes=nbytes))  # fmt: skip
+    for ov in opts.overrides:  # a typo in a pattern must not pass silently
+        if ov.pattern.pattern not in matched:
+            raise MlxedgeError(
+                f"override {ov.pattern.pattern!r} matches no quantized module",
+                fix=f"patterns match whole module names such as {example!r}",
+            )
     return plans
