@@ -259,6 +259,7 @@ CASES = [
     ),  # fmt: skip
     Case("safetensors header nested", nested_header, (QUANTIZE, INSPECT), "nested"),
     Case("index nested", nested_index, (QUANTIZE, INSPECT), "nested"),
+    Case("config is {}", config_text("{}"), VALUE_COMMANDS, "model_type"),
     Case("10^9 layers", config_edit(num_hidden_layers=10**9), VALUE_COMMANDS, "num_hidden_layers"),
     Case(
         "layers 'abc'", config_edit(num_hidden_layers="abc"), VALUE_COMMANDS, "num_hidden_layers"

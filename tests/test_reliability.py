@@ -354,3 +354,49 @@ def test_a_config_model_file_is_never_run(tmp_path):
                                        "--json"])  # fmt: skip
     (row,) = json.loads(result.output)
     assert "never runs code" in row["skipped"] and not marker.exists()
+
+
+# --- OS errors on the output path ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "err,says",
+    [
+        (OSError(30, "Read-only file system"), "read-only"),
+        (OSError(13, "Permission denied"), "you may not write there"),
+    ],
+)
+def test_os_errors_creating_the_output_are_one_message(err, says, tmp_path, monkeypatch):
+    from mlxedge import atomic
+
+    def refuse(*args, **kwargs):
+        raise err
+
+    monkeypatch.setattr(atomic.tempfile, "mkdtemp", refuse)
+    with pytest.raises(MlxedgeError, match=says) as e:
+        with atomic.atomic_output(tmp_path / "out"):
+            pass
+    assert str(tmp_path / "out") in str(e.value) and list(tmp_path.iterdir()) == []
+
+
+def test_a_short_write_on_a_full_disk_says_so(tmp_path, monkeypatch):
+    import gguf
+    from click.testing import CliRunner
+    from tiny_models import make_tiny_model
+
+    from mlxedge import atomic
+    from mlxedge.cli import main
+
+    folder = make_tiny_model(tmp_path / "m", "llama", layers=1, dtype="float32")
+
+    def short_write(self, *args, **kwargs):  # what numpy's tofile raises on a full disk
+        raise OSError("1024 requested and 0 written")
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", short_write)
+    monkeypatch.setattr(atomic.shutil, "disk_usage", lambda p: type("U", (), {"free": 0})())
+    out = tmp_path / "out" / "m.gguf"
+    result = CliRunner().invoke(main, ["export", "gguf", str(folder), "--type", "Q8_0", "-o",
+                                       str(out)])  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "no space left on device" in result.output and "Traceback" not in result.output
+    assert list((tmp_path / "out").iterdir()) == []

@@ -446,7 +446,7 @@ def _config_from_gguf(cls, meta: dict, shapes: dict, path) -> dict:
     def need(template: str) -> Any:
         value = meta.get(key(template))
         if value is None:
-            raise MlxedgeError(f"missing metadata key {key(template)}", path=path)
+            raise MlxedgeError(f"missing metadata key {key(template)}", path=path, fix=_GGUF_FIX)
         return value
 
     def whole(name: str, value: Any) -> int:
