@@ -133,6 +133,19 @@ def nested_header(tmp: Path, base: dict) -> Path:
     return path
 
 
+def empty_but_enormous(tmp: Path, base: dict) -> Path:
+    """A zero-size tensor whose other dimension claims 2^62 (its data is empty, its shape not)."""
+    folder = _copy(base, "hf", tmp)
+    path = folder / "model.safetensors"
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    header["model.extra"] = {"dtype": "F32", "shape": [0, 2**62], "data_offsets": [0, 0]}
+    text = json.dumps(header).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n :])
+    return path
+
+
 def nested_index(tmp: Path, base: dict) -> Path:
     folder = _copy(base, "hf", tmp)
     (folder / "model.safetensors.index.json").write_text('{"weight_map": ' + "[" * 50_000 +
@@ -259,6 +272,7 @@ CASES = [
     ),  # fmt: skip
     Case("safetensors header nested", nested_header, (QUANTIZE, INSPECT), "nested"),
     Case("index nested", nested_index, (QUANTIZE, INSPECT), "nested"),
+    Case("empty tensor of 2^62 columns", empty_but_enormous, (QUANTIZE, INSPECT), "beyond any"),
     Case("config is {}", config_text("{}"), VALUE_COMMANDS, "model_type"),
     Case("10^9 layers", config_edit(num_hidden_layers=10**9), VALUE_COMMANDS, "num_hidden_layers"),
     Case(
