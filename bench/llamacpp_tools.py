@@ -68,9 +68,15 @@ def prepare_llama_source() -> Path:
     if (LLAMA_SRC / "convert_hf_to_gguf.py").is_file():
         return LLAMA_SRC
     archive = SDIST_DIR / f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"
+    installed = REPO_DIR / ".venv" / "sdist" / archive.name  # `make install` fetched it already
+    if not archive.is_file() and installed.is_file():
+        SDIST_DIR.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(installed, archive)
     if not archive.is_file():
+        # --no-binary for this package only: ":all:" would build its build dependencies from
+        # source too (cmake among them), which takes many minutes.
         argv = [sys.executable, "-m", "pip", "download", f"llama-cpp-python=={LLAMA_CPP_PYTHON}",
-                "--no-deps", "--no-binary", ":all:", "-d", str(SDIST_DIR)]  # fmt: skip
+                "--no-deps", "--no-binary", "llama-cpp-python", "-d", str(SDIST_DIR)]  # fmt: skip
         log = GGUF_WORK / "logs" / "sdist-download.log"
         run_checked(argv, log, "downloading the llama-cpp-python sdist")
     print(f"unpacking {archive.name}", flush=True)
