@@ -437,6 +437,81 @@ def export_gguf(model, output, type_name, pure, pre_tokenizer, ollama, revision,
     _export_gguf(model, output, type_name, pure, pre_tokenizer, ollama, revision, force)
 
 
+@export.command("coreml")
+@click.argument("model")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    help="Output folder. Default: <model>-coreml-<bits>bit in the current directory.",
+)
+@click.option(
+    "--bits",
+    type=int,
+    default=4,
+    show_default=True,
+    help="Bits per weight: 2, 3, 4, 5, 6, 8, or 16 (float16). An MLX folder keeps its own.",
+)
+@click.option(
+    "--group-size",
+    type=int,
+    default=64,
+    show_default=True,
+    help="Weights per scale: 32, 64 or 128.",
+)
+@click.option(
+    "--method",
+    type=click.Choice(list(METHODS)),
+    default=DEFAULT_METHOD,
+    show_default=True,
+    help="As for `mlxedge quantize`.",
+)
+@click.option(
+    "--recipe",
+    type=click.Choice(list(RECIPES)),
+    default=DEFAULT_RECIPE,
+    show_default=True,
+    help="As for `mlxedge quantize`.",
+)
+@click.option(
+    "--context",
+    type=click.IntRange(2, 1 << 20),
+    default=2048,
+    show_default=True,
+    help="KV-cache slots (the longest sequence the package runs).",
+)
+@click.option("--revision", help="Hub revision (branch, tag or commit) for a Hub id.")
+@click.option("-f", "--force", is_flag=True, help="Replace the output if it exists.")
+@click.pass_context
+def export_coreml(ctx, model, output, bits, group_size, method, recipe, context, revision, force):
+    """Write MODEL as a stateful Core ML package folder for Swift apps (swift-transformers)."""
+    from .formats.coreml.writer import export_coreml as run
+    from .quant.recipes import QuantOptions
+    from .source import local_path, resolve
+
+    opts = QuantOptions(bits=bits, group_size=group_size, recipe=recipe) if bits != 16 else None
+    if output is not None:
+        check_output(output, force, protect=[local_path(model)])
+    source = resolve(model, revision=revision)
+    if source.quantization is not None:
+        given = [k for k in ("bits", "group_size", "method", "recipe")
+                 if ctx.get_parameter_source(k).name == "COMMANDLINE"]  # fmt: skip
+        if given:
+            raise MlxedgeError(
+                f"--{given[0].replace('_', '-')} does not apply: an MLX folder keeps its own "
+                "quantization",
+                path=source.path,
+                fix="export the original model to choose another quantization",
+            )
+    label = "float16" if bits == 16 else f"{bits}bit"
+    output = output or Path(f"{source.name}-coreml-{label}")
+    with console.status(f"exporting {source.name} to Core ML"):
+        report = run(source, output, opts, method=method, context=context, force=force)
+    out.print(f"wrote {report.package} (context {report.context}; {report.carried} tensors carried "
+              f"as block-wise constants, {len(report.widened)} widened, "
+              f"{len(report.as_float)} as float16)")  # fmt: skip
+
+
 @main.command("import")
 @click.argument("gguf_file", type=click.Path(path_type=Path))
 @click.option(

@@ -1,7 +1,8 @@
 """Resolve what the user passed as MODEL into a `Model`: the one loader every command uses.
 
 MODEL is one of: `smollm2` (the embedded default model), a `.gguf` file, a Hugging Face folder,
-an MLX folder (one with a `quantization` block in its config), or a Hub id (`org/name`, fetched
+an MLX folder (one with a `quantization` block in its config), a Core ML export (a `.mlpackage`
+or the folder `export coreml` writes), or a Hub id (`org/name`, fetched
 into the Hugging Face cache; `HF_HUB_OFFLINE` and `HF_TOKEN` are honoured by huggingface_hub
 itself).
 """
@@ -72,6 +73,10 @@ def resolve(model: str, revision: str | None = None) -> Model:
         if not path.is_file():
             raise MlxedgeError("no such GGUF file", path=path, fix="check the path")
         return _from_gguf(path)
+    if path.suffix == ".mlpackage" or (path.is_dir() and any(path.glob("*.mlpackage"))):
+        from .formats.coreml.load import load_coreml
+
+        return check_against_spec(load_coreml(path))
     if path.exists():
         if not path.is_dir():
             raise MlxedgeError(
@@ -248,7 +253,7 @@ def check_against_spec(model: Model) -> Model:
         MlxedgeError: naming the first tensor that is missing or misshapen, and the file.
     """
     where = model.path
-    config_file = "config.json" if model.kind in ("hf", "mlx") else "metadata"
+    config_file = "config.json" if model.kind in ("hf", "mlx", "coreml") else "metadata"
     shapes = {i.name: tuple(i.shape) for i in model.weights.infos()}
     table = model.arch.tensors()
     missing = [e.name for e in table if e.name not in shapes]

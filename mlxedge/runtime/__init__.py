@@ -43,7 +43,7 @@ class Backend(Protocol):
         ...
 
 
-BACKENDS = ("reference", "mlx", "llamacpp")
+BACKENDS = ("reference", "mlx", "llamacpp", "coreml-interp")
 
 
 def make_backend(name: str, model) -> Backend:
@@ -65,4 +65,8 @@ def make_backend(name: str, model) -> Backend:
         from .llamacpp_runner import LlamaCppBackend
 
         return LlamaCppBackend(model)
+    if name == "coreml-interp":
+        from .coreml_backend import CoreMLInterpBackend
+
+        return CoreMLInterpBackend(model)
     raise ValueError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")

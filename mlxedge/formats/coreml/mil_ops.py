@@ -1,0 +1,183 @@
+"""The second executor of an architecture's forward: coremltools' MIL builder instead of numpy.
+
+`MILOps` implements `archs.ops.Ops` with `mb.*` calls inside an `mb.program`, so the program a
+Core ML package holds is the same forward the reference runs, written once in `archs/`. What the
+executor adds is what Core ML needs around it (see ../shared facts on Core ML):
+
+- positions come from the shapes: `end = causalMask.shape[-1]`, `begin = end - inputIds.shape[-1]`
+  (both callers' conventions: Apple's and Hugging Face's real causal mask, and swift-transformers'
+  all-zero `[1, 1, 1, tokens + 1]`, one slot late); the causal mask is built in the graph and never
+  trusted from the input, and cache slots never written (layer 0's key exactly zero) are masked;
+- the KV cache is two float16 states `(layers, 1, kv_heads, context, head_dim)`, each read once
+  and its updates chained through the layers (coremltools merges repeated `read_state` ops and
+  loses writes);
+- rotary angles are looked up from cos/sin tables computed in float64 and stored as float16,
+  never computed in the graph (float16 angles are off by up to 1.9 at 4k positions);
+- weights are named constants made by a `weight(name)` callback: block-wise constants for
+  quantized tensors (`blockwise.py`), float16 otherwise; a tied head reuses the embedding's.
+
+The graph is built in float32 (states and block-wise weights are float16 and cast at the
+boundary); the converter's float16 pass then makes every op float16, as the target computes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+MASKED = -30000.0  # additive mask value: below any float16 score, and finite
+
+
+class MILOps:
+    """`archs.ops.Ops` over coremltools' MIL builder, inside an `mb.program` being built.
+
+    Args:
+        mb: coremltools' `Builder`.
+        weight: the constant for a parameter name (a MIL variable, made once per name).
+        key_cache, value_cache: the program's state inputs.
+        begin, end: int32 scalars, the first and one-past-last cache slot of this call's tokens.
+        context: the cache length (the states' fourth dimension).
+        n_kv_heads, head_dim: the cache's geometry.
+    """
+
+    def __init__(self, mb, weight: Callable[[str], Any], key_cache, value_cache, begin, end,
+                 context: int, n_kv_heads: int, head_dim: int) -> None:  # fmt: skip
+        self.mb = mb
+        self.weight = weight
+        self.begin, self.end = begin, end
+        self.context, self.n_kv, self.head_dim = context, n_kv_heads, head_dim
+        # Each state read once; later layers take the value the previous update returned.
+        self.keys = mb.read_state(input=key_cache)  # float16, like every state
+        self.values = mb.read_state(input=value_cache)
+        self.key_state, self.value_state = key_cache, value_cache
+        self.unwritten = None  # additive (end,) mask of never-written slots, after layer 0
+
+    # ------------------------------------------------------------------------------ helpers
+
+    def _vector(self, *parts):
+        """An int32 vector from Python ints and int32 scalars/vectors (for dynamic slices)."""
+        mb = self.mb
+        values = [
+            mb.const(val=np.array([p], dtype=np.int32)) if isinstance(p, int) else
+            (mb.expand_dims(x=p, axes=[0]) if p.rank == 0 else p)
+            for p in parts
+        ]  # fmt: skip
+        return mb.concat(values=values, axis=0)
+
+    # ---------------------------------------------------------------------------------- Ops
+
+    def embedding(self, table: str, ids):
+        return self.mb.gather(x=self.weight(table), indices=ids, axis=0)
+
+    def linear(self, x, module: str, bias: bool = False):
+        b = self.weight(module + ".bias") if bias else None
+        if b is None:
+            return self.mb.linear(x=x, weight=self.weight(module + ".weight"))
+        return self.mb.linear(x=x, weight=self.weight(module + ".weight"), bias=b)
+
+    def rms_norm(self, x, weight: str, eps: float):
+        mb = self.mb
+        mean = mb.reduce_mean(x=mb.mul(x=x, y=x), axes=[-1], keep_dims=True)
+        return mb.mul(x=mb.mul(x=x, y=mb.rsqrt(x=mean, epsilon=float(eps))), y=self.weight(weight))
+
+    def split_heads(self, x, n_heads: int, head_dim: int):
+        mb = self.mb
+        return mb.transpose(x=mb.reshape(x=x, shape=[-1, n_heads, head_dim]), perm=[1, 0, 2])
+
+    def merge_heads(self, x):
+        mb = self.mb
+        n_heads, _, head_dim = x.shape
+        return mb.reshape(x=mb.transpose(x=x, perm=[1, 0, 2]), shape=[-1, n_heads * head_dim])
+
+    def rope_tables(self, positions, inv_freq: np.ndarray):
+        angles = np.arange(self.context, dtype=np.float64)[:, None] * inv_freq.astype(np.float64)
+        # float16 values (what the package stores), held as float32 while the graph is built
+        cos = np.concatenate([np.cos(angles)] * 2, axis=-1).astype(np.float16).astype(np.float32)
+        sin = np.concatenate([np.sin(angles)] * 2, axis=-1).astype(np.float16).astype(np.float32)
+        mb = self.mb
+        cos = mb.gather(x=mb.const(val=cos, name="rope_cos"), indices=positions, axis=0)
+        sin = mb.gather(x=mb.const(val=sin, name="rope_sin"), indices=positions, axis=0)
+        return cos, sin
+
+    def rope(self, x, tables):
+        mb = self.mb
+        cos, sin = tables
+        half = x.shape[-1] // 2
+        first = mb.slice_by_index(x=x, begin=[0, 0, 0], end=[0, 0, half],
+                                  end_mask=[True, True, False])  # fmt: skip
+        second = mb.slice_by_index(x=x, begin=[0, 0, half], end=[0, 0, 0],
+                                   end_mask=[True, True, True])  # fmt: skip
+        rotated = mb.concat(values=[mb.mul(x=second, y=-1.0), first], axis=-1)
+        return mb.add(x=mb.mul(x=x, y=cos), y=mb.mul(x=rotated, y=sin))
+
+    def causal_mask(self, positions, window: int | None):
+        mb = self.mb
+        keys = mb.range_1d(start=0, end=self.end, step=1)
+        q = mb.expand_dims(x=positions, axes=[1])  # (tokens, 1)
+        k = mb.expand_dims(x=keys, axes=[0])  # (1, end)
+        allowed = mb.cast(x=mb.greater_equal(x=q, y=k), dtype="fp32")
+        if window is not None:
+            recent = mb.cast(x=mb.greater(x=k, y=mb.sub(x=q, y=window)), dtype="fp32")
+            allowed = mb.mul(x=allowed, y=recent)
+        return mb.mul(x=mb.sub(x=1.0, y=allowed), y=MASKED)  # (tokens, end), additive
+
+    def _write(self, cache, layer: int, update):
+        """`cache` with `update` (kv_heads, tokens, dim) written at block `layer`'s slots
+        begin..end, and that block's slots 0..end read back as (kv_heads, end, dim)."""
+        mb = self.mb
+        update = mb.cast(x=mb.expand_dims(x=update, axes=[0, 1]), dtype="fp16")  # as the state
+        written = mb.slice_update(
+            x=cache,
+            update=update,
+            begin=self._vector(layer, 0, 0, self.begin, 0),
+            end=self._vector(layer + 1, 1, self.n_kv, self.end, self.head_dim),
+        )
+        read = mb.slice_by_index(
+            x=written,
+            begin=[layer, 0, 0, 0, 0],
+            end=self._vector(layer + 1, 1, self.n_kv, self.end, self.head_dim),
+        )
+        read = mb.cast(x=mb.reshape(x=read, shape=[self.n_kv, -1, self.head_dim]), dtype="fp32")
+        return written, read
+
+    def attention(self, layer: int, q, k, v, mask, scale: float):
+        mb = self.mb
+        self.keys, keys = self._write(self.keys, layer, k)
+        self.keys = mb.coreml_update_state(state=self.key_state, value=self.keys)
+        self.values, values = self._write(self.values, layer, v)
+        self.values = mb.coreml_update_state(state=self.value_state, value=self.values)
+        if self.unwritten is None:  # layer 0 has written this call's tokens: the rest are holes
+            seen = mb.reduce_max(x=mb.abs(x=keys), axes=[0, 2])  # (end,)
+            written = mb.cast(x=mb.greater(x=seen, y=0.0), dtype="fp32")
+            self.unwritten = mb.mul(x=mb.sub(x=1.0, y=written), y=MASKED)
+        n_heads = q.shape[0]
+        group = n_heads // self.n_kv
+        if group > 1:  # scaled_dot_product_attention does not broadcast grouped KV heads
+            keys, values = (
+                mb.reshape(
+                    x=mb.tile(x=mb.expand_dims(x=t, axes=[1]), reps=[1, group, 1, 1]),
+                    shape=[n_heads, -1, self.head_dim],
+                )  # fmt: skip
+                for t in (keys, values)
+            )
+        natural = 1.0 / np.sqrt(self.head_dim)  # the op's own, fixed scale
+        if abs(scale - natural) > 1e-12 * natural:
+            q = mb.mul(x=q, y=float(scale / natural))
+        bias = mb.add(x=mask, y=self.unwritten)
+        return mb.scaled_dot_product_attention(query=q, key=keys, value=values, attn_mask=bias)
+
+    def silu(self, x):
+        return self.mb.silu(x=x)
+
+    def mul(self, a, b):
+        return self.mb.mul(x=a, y=b)
+
+    def add(self, a, b):
+        return self.mb.add(x=a, y=b)
+
+    def tail(self, x, first: int):
+        if first == 0:
+            return x
+        return self.mb.slice_by_index(x=x, begin=[first, 0], end=[0, 0], end_mask=[True, True])

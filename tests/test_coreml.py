@@ -1,0 +1,251 @@
+"""Core ML export, proven on Linux: the saved package is loaded back and run by the numpy
+interpreter of its program (`runtime/coreml_interp.py`), which is written apart from the MIL
+executor that built it.
+
+- every architecture, tied and untied, exports, reloads and passes crosscheck on coreml-interp
+  against the reference on the package's own weights (tolerance stated in
+  runtime/coreml_backend.py before measuring: mean KL <= 5e-3, float16 compute);
+- a prompt then single-token steps equals one pass, under both mask conventions (Apple's and
+  Hugging Face's real causal mask; swift-transformers' all-zero mask one slot late);
+- a program that reads a state twice per step (what coremltools' merging of `read_state` ops
+  produces) is caught by that same check;
+- the errors: an unknown op, a specification below 9, no cache states, no weight file, a context
+  overflow, a --context beyond the model's.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from tiny_models import make_tiny_model
+
+from mlxedge.cli import main
+from mlxedge.errors import MlxedgeError
+from mlxedge.runtime import coreml_interp
+from mlxedge.runtime.coreml_interp import Program
+from mlxedge.source import resolve
+
+CONTEXT = 64
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("coreml")
+    model = make_tiny_model(root / "tiny", "llama", dtype="float32")
+    out = root / "tiny-coreml"
+    result = run("export", "coreml", model, "-o", out, "--context", CONTEXT)
+    assert result.exit_code == 0, result.output
+    return model, out
+
+
+ARCH_CASES = [("llama", True), ("llama", False), ("mistral", True), ("mistral", False),
+              ("qwen2", True), ("qwen2", False), ("qwen3", True), ("qwen3", False)]  # fmt: skip
+
+
+@pytest.mark.parametrize("arch,tied", ARCH_CASES, ids=[f"{a}-{'tied' if t else 'untied'}"
+                                                       for a, t in ARCH_CASES])  # fmt: skip
+def test_every_architecture_passes_crosscheck_on_the_interpreter(arch, tied, tmp_path):
+    model = make_tiny_model(tmp_path / "m", arch, tied=tied, dtype="float32", layers=1)
+    out = tmp_path / "out"
+    assert run("export", "coreml", model, "-o", out, "--context", CONTEXT).exit_code == 0
+    result = run("crosscheck", out, "--reference", model, "--backends", "reference,coreml-interp",
+                 "--windows", 1, "--ctx", 32, "--json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    ref, interp = json.loads(result.output)
+    assert interp["backend"] == "coreml-interp" and interp["skipped"] is None
+    assert interp["fidelity_ok"] and interp["fidelity"]["kl_mean"] <= 5e-3
+    assert ref["passed"] and interp["passed"]
+
+
+def _python_mask(tokens: int, past: int) -> np.ndarray:
+    if past == 0:
+        return np.triu(np.full((1, 1, tokens, tokens), -np.inf, np.float16), 1)
+    return np.zeros((1, 1, tokens, past + tokens), np.float16)
+
+
+def _swift_mask(tokens: int, past: int) -> np.ndarray:
+    return np.zeros((1, 1, 1, past + tokens + 1), np.float16)  # one slot late
+
+
+def decode(program: Program, ids: np.ndarray, prompt: int, mask) -> np.ndarray:
+    """Logits of a prompt of `prompt` tokens, then one token per step, through one state."""
+    state = program.make_state()
+    shift = 1 if mask is _swift_mask else 0
+    outs = [program.predict({"inputIds": ids[None, :prompt], "causalMask": mask(prompt, 0)},
+                            state)["logits"][0]]  # fmt: skip
+    for i in range(prompt, len(ids)):
+        out = program.predict({"inputIds": ids[None, i : i + 1], "causalMask": mask(1, i)}, state)
+        outs.append(out["logits"][0])
+    assert state["keyCache"][:, :, :, len(ids) + shift :].max() == 0  # nothing written beyond
+    return np.concatenate(outs)
+
+
+def test_incremental_decoding_equals_one_pass_under_both_conventions(exported):
+    _, out = exported
+    program = resolve(str(out)).weights.program
+    ids = np.random.default_rng(0).integers(0, 300, 24).astype(np.int32)
+    whole = program.predict({"inputIds": ids[None], "causalMask": _python_mask(24, 0)},
+                            program.make_state())["logits"][0]  # fmt: skip
+    scale = np.abs(whole).max()
+    for mask in (_python_mask, _swift_mask):
+        steps = decode(program, ids, 10, mask)
+        # float16 rounding differs only by the order the same values are combined in
+        assert np.abs(steps - whole).max() <= 2e-3 * max(scale, 1.0), mask.__name__
+        assert (steps.argmax(-1) == whole.argmax(-1)).all()
+
+
+def test_reading_a_state_twice_is_caught(exported, tmp_path):
+    from mlxedge.formats.coreml.mil_ops import MILOps
+    from mlxedge.formats.coreml.program import build_program, convert_program
+    from mlxedge.formats.coreml.writer import _weight_source
+
+    class ReadsTwice(MILOps):
+        """Reads the states again before every layer, as coremltools' merged read_state ops
+        effectively do: each layer then writes over the previous layers' updates."""
+
+        def attention(self, layer, q, k, v, mask, scale):
+            self.keys = self.mb.read_state(input=self.key_state)
+            self.values = self.mb.read_state(input=self.value_state)
+            return super().attention(layer, q, k, v, mask, scale)
+
+    model_dir, out = exported
+    mlx = tmp_path / "q"
+    assert run("quantize", model_dir, "-o", mlx, "--dtype", "float16").exit_code == 0
+    source = resolve(str(mlx))
+    faulty = convert_program(
+        build_program(source.arch, _weight_source(source), CONTEXT, ReadsTwice), CONTEXT
+    )
+    faulty.save(str(tmp_path / "faulty.mlpackage"))
+    program = Program(tmp_path / "faulty.mlpackage")
+    ids = np.random.default_rng(1).integers(0, 300, 16).astype(np.int32)
+    whole = program.predict({"inputIds": ids[None], "causalMask": _python_mask(16, 0)},
+                            program.make_state())["logits"][0]  # fmt: skip
+    steps = decode(program, ids, 8, _python_mask)
+    # The same check as above: here it fails, by far more than float16 rounding.
+    assert (
+        np.abs(steps - whole).max() > 10 * 2e-3 * max(np.abs(whole).max(), 1.0)
+        or not (steps.argmax(-1) == whole.argmax(-1)).all()
+    )
+
+
+def test_the_package_carries_the_interface_and_metadata(exported):
+    _, out = exported
+    program = resolve(str(out)).weights.program
+    d = program.spec.description
+    assert program.spec.specificationVersion >= 9
+    assert [i.name for i in d.input] == ["inputIds", "causalMask"]
+    ids, mask = d.input
+    assert ids.type.multiArrayType.shapeRange.sizeRanges[1].upperBound == CONTEXT
+    assert ids.type.multiArrayType.shapeRange.sizeRanges[1].lowerBound == 1
+    assert sorted(program.states) == ["keyCache", "valueCache"]
+    assert program.states["keyCache"] == (2, 1, 2, CONTEXT, 16)  # (layers, 1, kv, N, head_dim)
+    assert [o.name for o in d.output] == ["logits"]
+    assert d.metadata.userDefined["co.huggingface.exporters.name"] == "tiny"
+    assert json.loads(d.metadata.userDefined["mlxedge.quantization"])["bits"] == 4
+    assert (out / "tokenizer.json").is_file() and (out / "config.json").is_file()
+    assert (out / "README.md").is_file() and (out / ".mlxedge").is_file()
+
+
+def test_the_weights_are_the_mlx_codes_carried(exported, tmp_path):
+    model_dir, out = exported
+    mlx = tmp_path / "q"
+    assert run("quantize", model_dir, "-o", mlx, "--dtype", "float16").exit_code == 0
+    ours, theirs = resolve(str(out)).weights, resolve(str(mlx)).weights
+    name = "model.layers.1.mlp.down_proj.weight"
+    a, b = ours.read(name), theirs.read(name)
+    bound = np.abs(theirs.quantized(name).biases.astype(np.float32)).max() * 2.0**-11
+    # the float16 offset's rounding, then the float16 result's own
+    assert np.abs(a - b).max() <= bound + np.abs(b).max() * 2.0**-11 + 1e-7
+
+
+# --- errors -------------------------------------------------------------------------------------
+
+
+def test_an_unknown_op_is_refused_by_name(exported, monkeypatch):
+    _, out = exported
+    ops = dict(coreml_interp._OPS)
+    del ops["silu"]
+    monkeypatch.setattr(coreml_interp, "_OPS", ops)
+    with pytest.raises(MlxedgeError, match="does not implement: silu"):
+        Program(out / "tiny.mlpackage")
+
+
+def test_a_missing_weight_file_is_named(exported, tmp_path):
+    _, out = exported
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (copy / "tiny.mlpackage" / coreml_interp.WEIGHTS / "weight.bin").unlink()
+    with pytest.raises(MlxedgeError, match="no weight file") as e:
+        resolve(str(copy))
+    assert "weight.bin" in str(e.value)
+
+
+def _trivial_package(path: Path, target, stateful: bool) -> Path:
+    import coremltools as ct
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil import types
+
+    specs = [mb.TensorSpec(shape=(1, 64), dtype=types.fp32)]
+    weights = np.arange(64, dtype=np.float32)[None]  # large enough to live in weight.bin
+    if stateful:
+        specs.append(mb.StateTensorSpec(shape=(1, 64), dtype=types.fp16))
+
+        @mb.program(input_specs=specs, opset_version=target)
+        def prog(x, s):
+            y = mb.add(x=x, y=mb.cast(x=mb.read_state(input=s), dtype="fp32"))
+            return mb.mul(x=y, y=weights)
+    else:
+
+        @mb.program(input_specs=specs, opset_version=target)
+        def prog(x):
+            return mb.mul(x=x, y=weights)
+
+    model = ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=target,
+                       skip_model_load=True)  # fmt: skip
+    model.save(str(path))
+    return path
+
+
+def test_an_old_specification_is_refused(tmp_path):
+    import coremltools as ct
+
+    package = _trivial_package(tmp_path / "old.mlpackage", ct.target.iOS17, stateful=False)
+    with pytest.raises(MlxedgeError, match="specification version 8, below 9"):
+        Program(package)
+
+
+def test_a_package_without_the_cache_states_is_refused(exported, tmp_path):
+    import coremltools as ct
+
+    model_dir, _ = exported
+    folder = tmp_path / "nostate"
+    folder.mkdir()
+    shutil.copy(model_dir / "config.json", folder / "config.json")
+    _trivial_package(folder / "m.mlpackage", ct.target.iOS18, stateful=True)
+    with pytest.raises(MlxedgeError, match="not keyCache and valueCache"):
+        resolve(str(folder))
+
+
+def test_a_context_overflow_while_decoding_is_refused(exported):
+    from mlxedge.runtime.coreml_backend import CoreMLInterpBackend
+
+    _, out = exported
+    backend = CoreMLInterpBackend(resolve(str(out)))
+    with pytest.raises(MlxedgeError, match="exceed the package's context of 64"):
+        backend.logits(np.zeros(CONTEXT + 1, np.int32))
+
+
+def test_a_context_beyond_the_model_is_a_clear_error(exported, tmp_path):
+    model_dir, _ = exported
+    result = run("export", "coreml", model_dir, "-o", tmp_path / "x", "--context", 10**6)
+    assert result.exit_code == 2 and "max_position_embeddings" in result.output
+    assert not (tmp_path / "x").exists()
