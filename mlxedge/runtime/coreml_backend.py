@@ -32,9 +32,11 @@ class CoreMLInterpBackend:
         ids = np.asarray(ids, dtype=np.int32)
         n = len(ids)
         if n > self.context:
-            raise MlxedgeError(f"{n} tokens exceed the package's context of {self.context}",
-                               path=self._program.path,
-                               fix="export it again with a larger --context, or pass a smaller --ctx")  # fmt: skip
+            raise MlxedgeError(
+                f"{n} tokens exceed the package's context of {self.context}",
+                path=self._program.path,
+                fix="export it again with a larger --context, or pass a smaller --ctx",
+            )
         mask = np.triu(np.full((1, 1, n, n), -np.inf, np.float16), 1)
         state = self._program.make_state()
         out = self._program.predict({"inputIds": ids[None], "causalMask": mask}, state)
