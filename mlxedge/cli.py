@@ -182,10 +182,11 @@ def _gguf_type_option(help_text: str):
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["mlx", "gguf"]),
+    type=click.Choice(["mlx", "gguf", "coreml"]),
     default="mlx",
     show_default=True,
-    help="mlx: an MLX folder. gguf: a GGUF file (same as `mlxedge export gguf`).",
+    help="mlx: an MLX folder. gguf: a GGUF file (same as `mlxedge export gguf`). coreml: a "
+    "Core ML package folder (same as `mlxedge export coreml`).",
 )
 @_gguf_type_option(
     "With --format gguf: the llama.cpp file type (see `mlxedge export gguf -h`). "
@@ -236,6 +237,16 @@ def quantize(
         return
     if type_name or pre_tokenizer or ollama:
         raise MlxedgeError("--type, --pre-tokenizer and --ollama need --format gguf")
+    if fmt == "coreml":
+        if override or embed_bits or embed_group_size or dtype:
+            raise MlxedgeError(
+                "--override, --embed-bits, --embed-group-size and --dtype apply to MLX folders",
+                fix="use `mlxedge quantize` first, then `mlxedge export coreml` on its folder",
+            )
+        ctx.invoke(export_coreml, model=model, output=output, bits=bits, group_size=group_size,
+                   method=method, recipe=recipe, context=2048, revision=revision,
+                   force=force)  # fmt: skip
+        return
     from .formats.mlx import card_command, default_output_name, quantize_to_mlx
     from .quant.recipes import Override, QuantOptions
     from .source import local_path, resolve

@@ -249,3 +249,59 @@ def test_a_context_beyond_the_model_is_a_clear_error(exported, tmp_path):
     result = run("export", "coreml", model_dir, "-o", tmp_path / "x", "--context", 10**6)
     assert result.exit_code == 2 and "max_position_embeddings" in result.output
     assert not (tmp_path / "x").exists()
+
+
+# --- SmolLM2 (slow) -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smollm2_exports(tmp_path_factory):
+    root = tmp_path_factory.mktemp("smol")
+    mlx = root / "mlx"
+    assert run("quantize", "smollm2", "--recipe", "uniform", "--dtype", "float16",
+               "-o", mlx).exit_code == 0  # fmt: skip
+    pkg = root / "coreml"
+    result = run("export", "coreml", mlx, "-o", pkg, "--context", 1024)
+    assert result.exit_code == 0, result.output
+    return mlx, pkg
+
+
+def _weight_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+
+@pytest.mark.slow
+def test_smollm2_4bit_package_keeps_the_mlx_folders_quality(smollm2_exports):
+    mlx, pkg = smollm2_exports
+    package_bytes = sum(p.stat().st_size for p in pkg.rglob("weight.bin"))
+    # uniform 4-bit groups of 64: the same codes, float16 scale + offset for scale + bias
+    assert abs(package_bytes / _weight_bytes(mlx) - 1) < 0.05
+    result = run("crosscheck", pkg, mlx, "--reference", "smollm2", "--backends",
+                 "reference,coreml-interp", "--windows", 2, "--json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    rows = {(r["artifact"], r["backend"]): r for r in json.loads(result.output)}
+    interp = next(r for (a, b), r in rows.items() if b == "coreml-interp" and r["skipped"] is None)
+    folder = next(r for (a, b), r in rows.items() if a == mlx.name and b == "reference")
+    assert interp["fidelity_ok"] and interp["passed"]
+    assert interp["quality"]["tokens"] == 510  # two 512-token windows
+    assert abs(interp["quality"]["kl_mean"] - folder["quality"]["kl_mean"]) <= 5e-3
+
+
+@pytest.mark.parametrize("args", [("quantize", "--format", "coreml", "--bits", "8"),
+                                  ("export", "coreml", "--bits", "16")])  # fmt: skip
+def test_8_bit_and_float16_packages(args, exported, tmp_path):
+    model_dir, _ = exported
+    out = tmp_path / "out"
+    command = [args[0], *args[1:2]] if args[0] == "export" else [args[0]]
+    rest = args[2:] if args[0] == "export" else args[1:]
+    result = run(*command, model_dir, "-o", out, *rest)
+    assert result.exit_code == 0, result.output
+    precision = resolve(str(out)).weights.program.spec.description.metadata.userDefined[
+        "co.huggingface.exporters.precision"
+    ]
+    assert precision == ("int8" if "8" in args else "float16")
+    result = run("crosscheck", out, "--reference", model_dir, "--backends", "coreml-interp",
+                 "--windows", 1, "--ctx", 32, "--json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(result.output)
+    assert row["passed"] and row["fidelity"]["kl_mean"] <= 5e-3
