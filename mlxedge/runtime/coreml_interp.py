@@ -300,6 +300,11 @@ _OPS: dict[str, Callable] = {
     "reduce_mean": _reduce(np.mean),
     "reduce_max": _reduce(np.max),
     "reduce_sum": _reduce(np.sum),
+    "reduce_l2_norm": _reduce(
+        lambda x, axis, keepdims: np.sqrt(
+            np.sum(np.asarray(x, np.float64) ** 2, axis=axis, keepdims=keepdims)
+        ).astype(np.float32)
+    ),
     "linear": _linear,
     "matmul": _matmul,
     "scaled_dot_product_attention": _sdpa,

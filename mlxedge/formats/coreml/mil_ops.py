@@ -78,9 +78,17 @@ class MILOps:
         return self.mb.linear(x=x, weight=self.weight(module + ".weight"), bias=b)
 
     def rms_norm(self, x, weight: str, eps: float):
+        # x / sqrt(mean(x^2) + eps) without forming x^2 in float16, which overflows once |x| > 256
+        # (SmolLM2's residual stream does): the L2 norm stays in range, and
+        # 1 / sqrt(r^2 + eps) = rsqrt(1 + (sqrt(eps) / r)^2) / r for r = |x| / sqrt(d).
         mb = self.mb
-        mean = mb.reduce_mean(x=mb.mul(x=x, y=x), axes=[-1], keep_dims=True)
-        return mb.mul(x=mb.mul(x=x, y=mb.rsqrt(x=mean, epsilon=float(eps))), y=self.weight(weight))
+        d = x.shape[-1]
+        root_eps = float(np.sqrt(eps))
+        r = mb.mul(x=mb.reduce_l2_norm(x=x, axes=[-1], keep_dims=True), y=float(1 / np.sqrt(d)))
+        r = mb.maximum(x=r, y=root_eps / 16)  # an all-zero row stays zero, not NaN
+        ratio = mb.real_div(x=root_eps, y=r)
+        inv = mb.real_div(x=mb.rsqrt(x=mb.add(x=mb.mul(x=ratio, y=ratio), y=1.0)), y=r)
+        return mb.mul(x=mb.mul(x=x, y=inv), y=self.weight(weight))
 
     def split_heads(self, x, n_heads: int, head_dim: int):
         mb = self.mb
