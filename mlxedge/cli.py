@@ -108,10 +108,11 @@ class _Group(click.Group):
 @click.version_option(__version__, prog_name="mlxedge")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 def main(verbose: int) -> None:
-    """Quantize language models for Apple Silicon and export MLX folders.
+    """Quantize language models for Apple Silicon and export MLX folders, GGUF files and Core ML
+    packages.
 
     MODEL, wherever a command takes one, is a Hugging Face folder, a Hub id (org/name), a .gguf
-    file, or `smollm2` (the built-in SmolLM2-135M-Instruct).
+    file, an MLX folder, a Core ML export, or `smollm2` (the built-in SmolLM2-135M-Instruct).
     """
     level = logging.WARNING - 10 * verbose
     logging.basicConfig(
@@ -413,7 +414,8 @@ def _print_gguf_report(report) -> None:
 
 @main.group()
 def export() -> None:
-    """Export a model for another runtime (GGUF for llama.cpp, Ollama, LM Studio)."""
+    """Export a model for another runtime (GGUF for llama.cpp, Ollama, LM Studio; Core ML for
+    Swift apps)."""
 
 
 @export.command("gguf")
