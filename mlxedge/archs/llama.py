@@ -123,7 +123,18 @@ class Llama:
     def _head_dim(self) -> int:
         if self.config.get("head_dim") is not None:
             return self._int("head_dim")
-        return self._int("hidden_size") // self._int("num_attention_heads")
+        return self._derived_head_dim()
+
+    def _derived_head_dim(self) -> int:
+        """hidden_size / num_attention_heads, which must divide."""
+        hidden, heads = self._int("hidden_size"), self._int("num_attention_heads")
+        if hidden % heads:
+            raise MlxedgeError(
+                f"hidden_size {hidden} is not a multiple of num_attention_heads {heads}",
+                path=self.where,
+                fix="use the model's original config.json",
+            )
+        return hidden // heads
 
     def _windows(self, n_layers: int) -> tuple[int | None, ...]:
         """The sliding window of each block (None: full attention). Llama has none."""

@@ -25,7 +25,8 @@ def windows_by_layer_type(config: dict, n_layers: int) -> tuple[int | None, ...]
         return tuple(window if t == "sliding_attention" else None for t in types)
     if not window:
         return (None,) * n_layers
-    first = config.get("max_window_layers", 28)
+    first = config.get("max_window_layers")
+    first = 28 if first is None else first  # Qwen2Config's default
     return tuple(window if i >= first else None for i in range(n_layers))
 
 
@@ -40,7 +41,7 @@ class Qwen2(Llama):
 
     def _head_dim(self) -> int:
         # Qwen2's modelling code derives it; a stated head_dim is not used.
-        return self._int("hidden_size") // self._int("num_attention_heads")
+        return self._derived_head_dim()
 
     def _windows(self, n_layers: int) -> tuple[int | None, ...]:
         first = self.config.get("max_window_layers")
