@@ -218,11 +218,7 @@ def from_folder(folder: Path, origin: str, hub_id: str | None = None) -> Model:
     else:
         _refuse_foreign_quantization(folder, config, names)
         weights, bits, kind = checkpoint, None, "hf"
-    side = {}
-    for name in SIDE_FILES:
-        f = side_file(folder, name)
-        if f is not None:
-            side[name] = read_bytes(f, TOKENIZER_CAP, "tokenizer file")
+    side = read_side_files(folder)
     name = hub_id.split("/")[-1] if hub_id else folder.absolute().name  # `.`: the folder's name
     readme = side_file(folder, "README.md")
     license_id = _card_field(readme, "license") if readme is not None else None
@@ -274,6 +270,16 @@ def check_against_spec(model: Model) -> Model:
                 fix="the config does not match the weights; use the model's original config",
             )
     return model
+
+
+def read_side_files(folder: Path) -> dict[str, bytes]:
+    """The bytes of every side file the folder has of its own (see `side_file`), capped."""
+    side = {}
+    for name in SIDE_FILES:
+        f = side_file(folder, name)
+        if f is not None:
+            side[name] = read_bytes(f, TOKENIZER_CAP, "tokenizer file")
+    return side
 
 
 def side_file(folder: Path, name: str) -> Path | None:

@@ -87,7 +87,7 @@ class CoreMLWeights:
 def load_coreml(path: Path) -> Model:
     """The export at `path` (a `.mlpackage` beside its config.json and tokenizer files)."""
     from ...runtime.coreml_interp import Program
-    from ...source import SIDE_FILES, read_config, side_file
+    from ...source import read_config, read_side_files
 
     path = Path(path)
     package = find_package(path)
@@ -104,11 +104,7 @@ def load_coreml(path: Path) -> Model:
             path=package,
             fix="export it with `mlxedge export coreml`",
         )
-    side = {}
-    for name in SIDE_FILES:
-        f = side_file(folder, name)
-        if f is not None:
-            side[name] = f.read_bytes()
+    side = read_side_files(folder)
     model = Model(
         name=package.stem,
         origin=package.name,
