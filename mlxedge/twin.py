@@ -63,6 +63,7 @@ class TwinSource:
         self._original, self._artifact = original, artifact
         theirs = {i.name: tuple(i.shape) for i in original.infos()}
         self._infos = []
+        self._dtypes = {}  # how the artifact stores each tensor
         quantized = getattr(artifact, "scheme", lambda name: None)  # an MLX folder's schemes
         # Every tensor stored in float32: the twin is the original itself (no run needed).
         self.is_original = True
@@ -70,6 +71,7 @@ class TwinSource:
             if theirs.get(info.name) != tuple(info.shape):
                 raise TwinUnavailable(f"{info.name} differs from the original's")
             self._infos.append(TensorInfo(info.name, tuple(info.shape), "float32"))
+            self._dtypes[info.name] = info.dtype
             if info.dtype not in ("float32", "F32") or quantized(info.name) is not None:
                 self.is_original = False
 
@@ -78,17 +80,10 @@ class TwinSource:
 
     def read(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
         w = np.asarray(self._original.read(name), dtype=np.float32)
-        twin = plain_twin(self._artifact, name, w)
+        # A format's source knows its own plain rule; any other stores floats of a dtype.
+        rule = getattr(self._artifact, "plain_twin", None)
+        twin = rule(name, w) if rule is not None else round_to_float(w, self._dtypes[name])
         return twin if rows is None else twin[rows[0] : rows[1]]
-
-
-def plain_twin(source, name: str, w: np.ndarray) -> np.ndarray:
-    """`w` stored as `source` stores tensor `name`, by the plain rule, as float32."""
-    rule = getattr(source, "plain_twin", None)
-    if rule is not None:
-        return rule(name, w)
-    dtype = {i.name: i.dtype for i in source.infos()}.get(name, "float32")
-    return round_to_float(w, dtype)
 
 
 def round_to_float(w: np.ndarray, dtype: str) -> np.ndarray:

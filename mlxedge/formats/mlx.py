@@ -343,6 +343,7 @@ class DequantizedMLX:
     def __init__(self, checkpoint: TensorSource, quantization: dict, folder: Path) -> None:
         self._ckpt = checkpoint
         raw = {i.name: i for i in checkpoint.infos()}
+        self._stored = {name: info.dtype for name, info in raw.items()}  # dtypes as written
         self._schemes: dict[str, AffineScheme] = {}
         infos = []
         for name, info in raw.items():
@@ -387,7 +388,7 @@ class DequantizedMLX:
         from ..quant import backend
         from ..twin import round_to_float
 
-        dtypes = {i.name: i.dtype for i in self._ckpt.infos()}
+        dtypes = self._stored
         scheme = self._schemes.get(name)
         if scheme is None:
             return round_to_float(w, dtypes[name])
