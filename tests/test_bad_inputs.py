@@ -105,25 +105,19 @@ def config_text(text: str) -> Callable[[Path, dict], Path]:
     return make
 
 
-def fifo_config(tmp: Path, base: dict) -> Path:
-    folder = _copy(base, "hf", tmp)
-    (folder / "config.json").unlink()
-    os.mkfifo(folder / "config.json")
-    return folder / "config.json"
+def special_file(file_name: str, kind: str) -> Callable[[Path, dict], Path]:
+    """The model with `file_name` replaced by a FIFO, or by a link to /dev/zero."""
 
+    def make(tmp: Path, base: dict) -> Path:
+        path = _copy(base, "hf", tmp) / file_name
+        path.unlink()
+        if kind == "fifo":
+            os.mkfifo(path)
+        else:
+            path.symlink_to("/dev/zero")
+        return path
 
-def dev_zero_config(tmp: Path, base: dict) -> Path:
-    folder = _copy(base, "hf", tmp)
-    (folder / "config.json").unlink()
-    (folder / "config.json").symlink_to("/dev/zero")
-    return folder / "config.json"
-
-
-def fifo_weights(tmp: Path, base: dict) -> Path:
-    folder = _copy(base, "hf", tmp)
-    (folder / "model.safetensors").unlink()
-    os.mkfifo(folder / "model.safetensors")
-    return folder / "model.safetensors"
+    return make
 
 
 def nested_header(tmp: Path, base: dict) -> Path:
@@ -254,9 +248,19 @@ def bad_text(kind: str) -> Callable[[Path, dict], Path]:
 
 
 CASES = [
-    Case("config is a FIFO", fifo_config, FOLDER_COMMANDS, "FIFO"),
-    Case("config is /dev/zero", dev_zero_config, FOLDER_COMMANDS, "not a regular file"),
-    Case("weights file is a FIFO", fifo_weights, (QUANTIZE, EXPORT, INSPECT, EVAL), "FIFO"),
+    Case("config is a FIFO", special_file("config.json", "fifo"), FOLDER_COMMANDS, "FIFO"),
+    Case(
+        "config is /dev/zero",
+        special_file("config.json", "zero"),
+        FOLDER_COMMANDS,
+        "not a regular file",
+    ),  # fmt: skip
+    Case(
+        "weights file is a FIFO",
+        special_file("model.safetensors", "fifo"),
+        (QUANTIZE, EXPORT, INSPECT, EVAL),
+        "FIFO",
+    ),  # fmt: skip
     Case("config not JSON", config_text("{nope"), FOLDER_COMMANDS, "not valid JSON"),
     Case("config is an array", config_text("[1, 2]"), FOLDER_COMMANDS, "not a JSON object"),
     Case(
