@@ -120,6 +120,32 @@ def main(verbose: int) -> None:
     )
 
 
+# Options that quantize and export coreml share: one definition each.
+_GROUP_SIZE = click.option(
+    "--group-size",
+    type=int,
+    default=64,
+    show_default=True,
+    help="Weights per scale/bias: 32, 64 or 128.",
+)
+_METHOD = click.option(
+    "--method",
+    type=click.Choice(list(METHODS)),
+    default=DEFAULT_METHOD,
+    show_default=True,
+    help="rtn: MLX's rounding (bit-exact with mx.quantize). "
+    "mse: per-group search for least squared error. "
+    "mse-zero: the same search among grids that keep zero exact.",
+)
+_RECIPE = click.option(
+    "--recipe",
+    type=click.Choice(list(RECIPES)),
+    default=DEFAULT_RECIPE,
+    show_default=True,
+    help="mixed: v_proj/down_proj of llama.cpp's Q4_K_M layers and the output head get more bits.",
+)
+
+
 def _gguf_type_option(help_text: str):
     return click.option("--type", "type_name", metavar="TYPE", help=help_text)
 
@@ -136,29 +162,9 @@ def _gguf_type_option(help_text: str):
 @click.option(
     "--bits", type=int, default=4, show_default=True, help="Bits per weight: 2, 3, 4, 5, 6 or 8."
 )
-@click.option(
-    "--group-size",
-    type=int,
-    default=64,
-    show_default=True,
-    help="Weights per scale/bias: 32, 64 or 128.",
-)
-@click.option(
-    "--method",
-    type=click.Choice(list(METHODS)),
-    default=DEFAULT_METHOD,
-    show_default=True,
-    help="rtn: MLX's rounding (bit-exact with mx.quantize). "
-    "mse: per-group search for least squared error. "
-    "mse-zero: the same search among grids that keep zero exact.",
-)
-@click.option(
-    "--recipe",
-    type=click.Choice(list(RECIPES)),
-    default=DEFAULT_RECIPE,
-    show_default=True,
-    help="mixed: v_proj/down_proj of llama.cpp's Q4_K_M layers and the output head get more bits.",
-)
+@_GROUP_SIZE
+@_METHOD
+@_RECIPE
 @click.option(
     "--override",
     multiple=True,
@@ -465,27 +471,9 @@ def export_gguf(model, output, type_name, pure, pre_tokenizer, ollama, revision,
     show_default=True,
     help="Bits per weight: 2, 3, 4, 5, 6, 8, or 16 (float16). An MLX folder keeps its own.",
 )
-@click.option(
-    "--group-size",
-    type=int,
-    default=64,
-    show_default=True,
-    help="Weights per scale: 32, 64 or 128.",
-)
-@click.option(
-    "--method",
-    type=click.Choice(list(METHODS)),
-    default=DEFAULT_METHOD,
-    show_default=True,
-    help="As for `mlxedge quantize`.",
-)
-@click.option(
-    "--recipe",
-    type=click.Choice(list(RECIPES)),
-    default=DEFAULT_RECIPE,
-    show_default=True,
-    help="As for `mlxedge quantize`.",
-)
+@_GROUP_SIZE
+@_METHOD
+@_RECIPE
 @click.option(
     "--context",
     type=click.IntRange(2, 1 << 20),
