@@ -21,6 +21,7 @@ from .quant.defaults import DEFAULT_METHOD, DEFAULT_RECIPE, METHODS, RECIPES
 from .runtime import BACKENDS
 
 console = Console(stderr=True)
+log = logging.getLogger(__name__)
 # Wider than the 80 columns rich assumes when output is piped (CI logs, files): tables stay legible.
 out = Console(width=None if sys.stdout.isatty() else 132)
 
@@ -509,8 +510,13 @@ def export_coreml(ctx, model, output, bits, group_size, method, recipe, context,
     with console.status(f"exporting {source.name} to Core ML"):
         report = run(source, output, opts, method=method, context=context, force=force)
     out.print(f"wrote {report.package} (context {report.context}; {report.carried} tensors carried "
-              f"as block-wise constants, {len(report.widened)} widened, "
-              f"{len(report.as_float)} as float16)")  # fmt: skip
+              f"as block-wise constants, {len(report.as_float)} as float16)")  # fmt: skip
+    out.print(f"  {report.widened_summary()}; float16 offsets off by at most "
+              f"{report.max_offset_error:.3g} per weight (bound {report.offset_bound:.3g})")
+    for name, bits, container in report.widened:
+        log.info("widened: %s (%d-bit codes in uint%d)", name, bits, container)
+    for name, why in report.as_float:
+        log.info("float16: %s (%s)", name, why)
 
 
 @main.command("import")

@@ -9,6 +9,7 @@ so their NumPy reads them at import.
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 
@@ -26,6 +27,17 @@ def pytest_configure(config: pytest.Config) -> None:
     if workers and not os.environ.get("PYTEST_XDIST_WORKER"):
         for key, value in _ONE_THREAD.items():
             os.environ.setdefault(key, value)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `macos` need the Core ML runtime: elsewhere they skip, saying so (each has a
+    Linux counterpart on the interpreter)."""
+    if sys.platform == "darwin":
+        return
+    skip = pytest.mark.skipif(True, reason="needs macOS: the Core ML runtime exists only there")
+    for item in items:
+        if "macos" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

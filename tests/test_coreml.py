@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -76,7 +77,7 @@ def _swift_mask(tokens: int, past: int) -> np.ndarray:
     return np.zeros((1, 1, 1, past + tokens + 1), np.float16)  # one slot late
 
 
-def decode(program: Program, ids: np.ndarray, prompt: int, mask) -> np.ndarray:
+def decode(program, ids: np.ndarray, prompt: int, mask) -> np.ndarray:
     """Logits of a prompt of `prompt` tokens, then one token per step, through one state."""
     state = program.make_state()
     shift = 1 if mask is _swift_mask else 0
@@ -85,13 +86,23 @@ def decode(program: Program, ids: np.ndarray, prompt: int, mask) -> np.ndarray:
     for i in range(prompt, len(ids)):
         out = program.predict({"inputIds": ids[None, i : i + 1], "causalMask": mask(1, i)}, state)
         outs.append(out["logits"][0])
-    assert state["keyCache"][:, :, :, len(ids) + shift :].max() == 0  # nothing written beyond
+    written = _cache(state, "keyCache")[:, :, :, len(ids) + shift :]
+    assert np.abs(written).max() == 0  # nothing written beyond
     return np.concatenate(outs)
+
+
+def _cache(state, name: str) -> np.ndarray:
+    """A state's contents: the interpreter's dict, or the Core ML runtime's `MLState`."""
+    return np.asarray(state[name] if isinstance(state, dict) else state.read_state(name))
 
 
 def test_incremental_decoding_equals_one_pass_under_both_conventions(exported):
     _, out = exported
-    program = resolve(str(out)).weights.program
+    _check_incremental(resolve(str(out)).weights.program)
+
+
+def _check_incremental(program) -> None:
+    """A prompt, then single-token steps, equals one pass, under both mask conventions."""
     ids = np.random.default_rng(0).integers(0, 300, 24).astype(np.int32)
     whole = program.predict({"inputIds": ids[None], "causalMask": _python_mask(24, 0)},
                             program.make_state())["logits"][0]  # fmt: skip
@@ -101,6 +112,48 @@ def test_incremental_decoding_equals_one_pass_under_both_conventions(exported):
         # float16 rounding differs only by the order the same values are combined in
         assert np.abs(steps - whole).max() <= 2e-3 * max(scale, 1.0), mask.__name__
         assert (steps.argmax(-1) == whole.argmax(-1)).all()
+
+
+def test_the_coreml_backend_says_it_needs_macos(exported):
+    """The Linux counterpart of the runtime tests below: the `coreml` row is skipped, with why."""
+    if sys.platform == "darwin":
+        pytest.skip("on macOS the runtime runs (the macos-marked tests)")
+    model_dir, out = exported
+    result = run("crosscheck", out, "--reference", model_dir, "--backends",
+                 "coreml-interp,coreml", "--windows", 1, "--ctx", 32, "--json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    interp, runtime = json.loads(result.output)
+    assert interp["passed"] and runtime["backend"] == "coreml"
+    assert "macOS" in runtime["skipped"]
+
+
+@pytest.mark.macos
+def test_the_core_ml_runtime_passes_crosscheck(exported):
+    model_dir, out = exported
+    result = run("crosscheck", out, "--reference", model_dir, "--backends", "coreml",
+                 "--windows", 1, "--ctx", 32, "--json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(result.output)
+    assert row["skipped"] is None and row["passed"] and row["fidelity"]["kl_mean"] <= 5e-3
+
+
+@pytest.mark.macos
+def test_the_core_ml_runtime_decodes_step_by_step_under_both_conventions(exported):
+    from mlxedge.formats.coreml.load import find_package
+    from mlxedge.metrics import log_softmax
+    from mlxedge.runtime.coreml_backend import CoreMLRuntime
+
+    _, out = exported
+    runtime = CoreMLRuntime(find_package(out))
+    ids = np.random.default_rng(0).integers(0, 300, 24).astype(np.int32)
+    whole = runtime.predict({"inputIds": ids[None], "causalMask": _python_mask(24, 0)},
+                            runtime.make_state())["logits"][0]  # fmt: skip
+    ref = log_softmax(whole)
+    for mask in (_python_mask, _swift_mask):
+        steps = log_softmax(decode(runtime, ids, 10, mask))
+        # the GPU's kernels differ by query length: held to the stated float16 tolerance
+        kl = (np.exp(ref) * (ref - steps)).sum(-1)
+        assert kl.mean() <= 5e-3, mask.__name__
 
 
 def test_reading_a_state_twice_is_caught(exported, tmp_path):
@@ -286,6 +339,22 @@ def test_smollm2_4bit_package_keeps_the_mlx_folders_quality(smollm2_exports):
     assert interp["fidelity_ok"] and interp["passed"]
     assert interp["quality"]["tokens"] == 510  # two 512-token windows
     assert abs(interp["quality"]["kl_mean"] - folder["quality"]["kl_mean"]) <= 5e-3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bits", [8, 16])
+def test_smollm2_8_bit_and_float16_packages_pass_crosscheck(bits, tmp_path):
+    pkg = tmp_path / "coreml"
+    result = run("export", "coreml", "smollm2", "--bits", bits, "-o", pkg, "--context", 1024)
+    assert result.exit_code == 0, result.output
+    result = run("crosscheck", pkg, "--reference", "smollm2", "--backends", "coreml-interp",
+                 "--windows", 2, "--json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(result.output)
+    assert row["fidelity_ok"] and row["passed"], row
+    assert row["quality"]["tokens"] == 510  # two 512-token windows
+    # 8-bit codes and float16 weights sit far closer to the original than 4-bit ones
+    assert row["quality"]["kl_mean"] < 0.01, row["quality"]
 
 
 @pytest.mark.parametrize("args", [("quantize", "--format", "coreml", "--bits", "8"),

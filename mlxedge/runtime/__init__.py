@@ -43,7 +43,7 @@ class Backend(Protocol):
         ...
 
 
-BACKENDS = ("reference", "mlx", "llamacpp", "coreml-interp")
+BACKENDS = ("reference", "mlx", "llamacpp", "coreml-interp", "coreml")
 
 
 def make_backend(name: str, model) -> Backend:
@@ -69,4 +69,8 @@ def make_backend(name: str, model) -> Backend:
         from .coreml_backend import CoreMLInterpBackend
 
         return CoreMLInterpBackend(model)
+    if name == "coreml":
+        from .coreml_backend import CoreMLBackend
+
+        return CoreMLBackend(model)
     raise ValueError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")

@@ -34,7 +34,7 @@ class WeightSource:
     def __init__(self, read: Callable[[str], np.ndarray],
                  quantized: Callable[[str], QuantizedTensor | None]) -> None:  # fmt: skip
         self.read, self.quantized = read, quantized
-        self.carried: dict[str, object] = {}  # name -> Blockwise of each carried tensor
+        self.carried: dict[str, object] = {}  # name -> BlockwiseStats of each carried tensor
         self.as_float: dict[str, str] = {}  # name -> why a quantized tensor went float16
 
 
@@ -61,7 +61,7 @@ def build_program(arch: Architecture, weights: WeightSource, context: int, ops_c
             except NotRepresentable as e:
                 weights.as_float[name] = str(e)
             else:
-                weights.carried[name] = bw
+                weights.carried[name] = bw.stats()  # the report's figures, not the codes
                 kind = types.np_uint4_dtype if bw.container_bits == 4 else np.uint8
                 var = mb.cast(x=mb.constexpr_blockwise_shift_scale(
                     data=bw.data.astype(kind), scale=bw.scale, offset=bw.offset,

@@ -40,6 +40,17 @@ class CoreMLReport:
     max_offset_error: float = 0.0  # largest |dw| of the float16 offsets
     offset_bound: float = 0.0  # the bound stated for it
 
+    def widened_summary(self) -> str:
+        """What widening cost, e.g. "30 tensors widened (6-bit in uint8: 30), +9.1 MiB"."""
+        if not self.widened:
+            return "no tensor widened"
+        counts: dict[tuple[int, int], int] = {}
+        for _, bits, container in self.widened:
+            counts[bits, container] = counts.get((bits, container), 0) + 1
+        kinds = ", ".join(f"{b}-bit in uint{c}: {n}" for (b, c), n in sorted(counts.items()))
+        return (f"{len(self.widened)} tensors widened ({kinds}), "
+                f"+{self.widened_bytes / 2**20:.1f} MiB")  # fmt: skip
+
 
 def export_coreml(
     model: Model,
@@ -122,7 +133,7 @@ def _report(output: Path, package: Path, context: int, weights: WeightSource) ->
         report.offset_bound = max(report.offset_bound, bw.bound)
         if bw.widened:
             report.widened.append((name, bw.bits, bw.container_bits))
-            report.widened_bytes += bw.data.size * (bw.container_bits - bw.bits) // 8
+            report.widened_bytes += bw.size * (bw.container_bits - bw.bits) // 8
     report.as_float = sorted(weights.as_float.items())
     return report
 
@@ -153,8 +164,7 @@ def _card(model: Model, report: CoreMLReport) -> str:
         f"- quantized tensors carried as block-wise constants: {report.carried}",
         f"- float16 offset rounding: at most {report.max_offset_error:.3g} per weight "
         f"(bound {report.offset_bound:.3g})",
-        f"- widened to a wider Core ML container: {len(report.widened)} tensors, "
-        f"+{report.widened_bytes / 2**20:.1f} MiB",
+        f"- wider Core ML containers (same codes): {report.widened_summary()}",
     ]  # fmt: skip
     if report.as_float:
         lines.append(f"- stored as float16 (no block-wise form): {len(report.as_float)} tensors")
