@@ -2,7 +2,8 @@
 
 Both start from the same float Hugging Face folder and end with a saved 4.5-bit `.mlpackage`:
 
-    mlxedge      `mlxedge export coreml SRC --bits 4 --recipe uniform --group-size 64`: MLX's
+    mlxedge      `mlxedge export coreml SRC --bits 4 --recipe uniform --group-size 64 --method M`
+                 (``--methods``: mse-zero, the default, and mse): MLX's
                  affine codes (4 bits, float16 scale and bias per 64 weights) carried into
                  `constexpr_blockwise_shift_scale` constants;
     coremltools  the same program built with float16 weights, then
@@ -54,7 +55,7 @@ from bench_convert import (  # noqa: E402 - the bench folder is not a package
 START_MARKER, END_MARKER = "<!-- coreml-bench:start -->", "<!-- coreml-bench:end -->"
 MODELS = ("smollm2", "llama1b")
 LABELS = {"smollm2": "SmolLM2-135M (fp32)", "llama1b": "Llama-3.2-1B shape (bf16)"}
-TOOLS = ("mlxedge", "coremltools")
+METHODS = ("rtn", "mse", "mse-zero")
 WEIGHTS = Path("Data/com.apple.CoreML/weights/weight.bin")
 
 
@@ -107,14 +108,17 @@ def coremltools_export(source: Path, out: Path, context: int) -> None:
 # Measuring
 
 
-def build_cases(models: dict[str, Path], mlxedge: str, context: int) -> list[Case]:
+def build_cases(models: dict[str, Path], mlxedge: str, context: int,
+                methods: list[str]) -> list[Case]:  # fmt: skip
     cases = []
     for model, src in models.items():
-        ours = WORK_DIR / f"coreml-{model}-mlxedge"
-        cases.append(Case("mlxedge", model, [
-            mlxedge, "export", "coreml", str(src), "--bits", "4", "--recipe", "uniform",
-            "--group-size", "64", "--context", str(context), "-o", str(ours), "--force",
-        ], ours))  # fmt: skip
+        for method in methods:
+            ours = WORK_DIR / f"coreml-{model}-mlxedge-{method}"
+            cases.append(Case(f"mlxedge {method}", model, [
+                mlxedge, "export", "coreml", str(src), "--bits", "4", "--recipe", "uniform",
+                "--group-size", "64", "--method", method, "--context", str(context),
+                "-o", str(ours), "--force",
+            ], ours))  # fmt: skip
         theirs = WORK_DIR / f"coreml-{model}-coremltools"
         cases.append(Case("coremltools", model, [
             sys.executable, str(Path(__file__).resolve()), "--coremltools-export", str(src),
@@ -180,10 +184,7 @@ def table(cases: list[Case]) -> str:
     for model in dict.fromkeys(c.model for c in cases):
         pair = {c.tool: c for c in cases if c.model == model}
         anchor = pair.get("coremltools")
-        for tool in TOOLS:
-            c = pair.get(tool)
-            if c is None:
-                continue
+        for tool, c in pair.items():
             if c.error or not c.walls:
                 rows.append(f"| {LABELS[model]} | {tool} | failed: {c.error} | | | | | |")
                 continue
@@ -209,11 +210,14 @@ def report(cases: list[Case], args) -> str:
         "",
         f"Whole processes from the float folder to the saved package (context {args.context}), "
         f"median wall time and largest peak RSS over {args.runs} run(s); ratios are mlxedge "
-        "over coremltools (below 1 is better). mlxedge: `--recipe uniform --group-size 64` "
-        "(affine, float16 scale and bias per 64). coremltools: the float16 program, then "
-        "`linear_quantize_weights` (linear_symmetric, int4, per-block 32). KL: against the "
-        f"original float model, {args.windows} window(s) of 512 tokens, both packages run by the "
-        "interpreter of the saved program.",
+        "over coremltools (below 1 is better). mlxedge: `--recipe uniform --group-size 64 "
+        "--method M` (affine, float16 scale and bias per 64; mse-zero is the default method). "
+        "coremltools: the float16 program, then `linear_quantize_weights` (linear_symmetric, "
+        "int4, per-block 32). KL: against the original float model, on the default text, "
+        f"{args.windows} window(s) of 512 tokens, every package run by the interpreter of the "
+        "saved program. SmolLM2's float weights come from the Q4_1 GGUF its package ships: its "
+        "linear weights already lie on a 4-bit grid of blocks of 32, which coremltools' blocks "
+        "of 32 align with and groups of 64 do not.",
         "",
         table(cases),
         "",
@@ -243,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", type=_csv(MODELS), default=list(MODELS))
     parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--methods", type=_csv(METHODS), default=["mse-zero", "mse"],
+                        help="mlxedge's quantization methods to measure (first: the default)")
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--windows", type=int, default=2, help="KL windows (SmolLM2); 0: none")
     parser.add_argument("--no-write", action="store_true", help="print, leave RESULTS.md alone")
@@ -264,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         src = prepare_smollm2(mlxedge, None) if model == "smollm2" else prepare_llama1b()
         if src is not None:
             sources[model] = src
-    cases = build_cases(sources, mlxedge, args.context)
+    cases = build_cases(sources, mlxedge, args.context, args.methods)
     measure(cases, args.runs)
     if args.windows and "smollm2" in sources:
         measure_quality([c for c in cases if c.model == "smollm2"], sources["smollm2"],
