@@ -1,0 +1,136 @@
+"""Our Metal kernels (`metal_kernels/*.metal`) as `mx.fast.metal_kernel` objects, built once.
+
+Each `KernelSpec` names a kernel body, its inputs, outputs and template; `call` runs it on the GPU
+(on a Mac), and `generated_source` gives the exact text MLX compiles for one instantiation —
+obtainable on any machine, since MLX generates it while tracing under `mx.export_function` even
+without a Metal back end. The test harness compiles that very text as C++ and runs it on the CPU
+(tests/metal_harness.py), so the kernel that runs on a Mac is the one checked on Linux.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import tempfile
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+
+KERNEL_DIR = Path(__file__).resolve().parents[2] / "metal_kernels"
+_MX_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """One kernel body and its interface, as `mx.fast.metal_kernel` takes them."""
+
+    name: str  # the body's file is metal_kernels/NAME.metal
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    body: str | None = None  # the text itself instead of the file (tests alter copies)
+
+    @property
+    def source(self) -> str:
+        return self.body if self.body is not None else (KERNEL_DIR / f"{self.name}.metal").read_text()
+
+
+AFFINE_RTN = KernelSpec("affine_quantize_rtn", ("w", "n_groups"), ("codes", "scales", "biases"))
+KERNELS = (AFFINE_RTN,)
+
+
+def header() -> str:
+    return (KERNEL_DIR / "header.metal").read_text()
+
+
+@cache
+def kernel(spec: KernelSpec):
+    """The `mx.fast.metal_kernel` of `spec`, built once per process (MLX caches the library)."""
+    import mlx.core as mx
+
+    return mx.fast.metal_kernel(
+        name=spec.name,
+        input_names=list(spec.inputs),
+        output_names=list(spec.outputs),
+        source=spec.source,
+        header=header(),
+    )
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One call of a kernel: its inputs (mx arrays), outputs, grid and template."""
+
+    inputs: tuple
+    output_shapes: tuple[tuple[int, ...], ...]
+    output_dtypes: tuple
+    grid: tuple[int, int, int]
+    threadgroup: tuple[int, int, int]
+    template: tuple[tuple[str, object], ...]
+
+
+def call(spec: KernelSpec, launch: Launch, verbose: bool = False) -> list:
+    return kernel(spec)(
+        inputs=list(launch.inputs),
+        output_shapes=list(launch.output_shapes),
+        output_dtypes=list(launch.output_dtypes),
+        grid=launch.grid,
+        threadgroup=launch.threadgroup,
+        template=list(launch.template),
+        verbose=verbose,
+    )
+
+
+def generated_source(spec: KernelSpec, launch: Launch) -> str:
+    """The Metal text MLX generates for this launch (signature, template and attributes
+    included; without MLX's `utils.h` prelude), captured from its verbose output while the call
+    is traced by `mx.export_function`, which works without a Metal back end."""
+    import mlx.core as mx
+
+    def traced(*arrays):
+        return call(spec, Launch(arrays, *_rest(launch)), verbose=True)
+
+    with tempfile.TemporaryFile() as captured:
+        sys.stdout.flush()
+        saved = os.dup(1)
+        os.dup2(captured.fileno(), 1)  # MLX prints from C++, below Python's sys.stdout
+        try:
+            mx.export_function(lambda *_: None, traced, *launch.inputs)
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+        captured.seek(0)
+        text = captured.read().decode()
+    found = re.search(r"```\n(.*?)```", text, re.S)
+    if found is None:
+        raise RuntimeError(f"MLX printed no kernel source for {spec.name}: {text[:200]!r}")
+    return found.group(1)
+
+
+def _rest(launch: Launch) -> tuple:
+    return (launch.output_shapes, launch.output_dtypes, launch.grid, launch.threadgroup,
+            launch.template)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Launches of each kernel
+
+
+def affine_rtn_launch(w, bits: int, group_size: int, dtype: str, threadgroup: int = 256) -> Launch:
+    """The launch that quantizes weights `w` (an mx array (rows, cols), already in the storage
+    dtype `dtype`) with round-to-nearest at `bits` and `group_size`."""
+    import mlx.core as mx
+
+    n = int(np.prod(w.shape))
+    groups = n // group_size
+    t = getattr(mx, _MX_DTYPES[dtype])
+    return Launch(
+        inputs=(mx.reshape(w.astype(t), (n,)), mx.array(groups, dtype=mx.uint32)),
+        output_shapes=((n * bits // 32,), (groups,), (groups,)),
+        output_dtypes=(mx.uint32, t, t),
+        grid=(groups, 1, 1),
+        threadgroup=(min(threadgroup, groups), 1, 1),
+        template=(("T", t), ("GROUP", group_size), ("BITS", bits)),
+    )

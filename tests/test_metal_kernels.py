@@ -1,0 +1,122 @@
+"""Our Metal kernels, executed on Linux from the very text MLX generates for a Mac, compared bit
+for bit with the numpy specification (`mlxedge/quant/schemes.py`); see tests/metal_harness.py.
+
+The harness can fail: copies of a kernel with an off-by-one in the packing or a changed rounding
+are caught, and so is a text using what the Metal Shading Language lacks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+mx = pytest.importorskip("mlx.core")
+
+from metal_harness import Harness, metal_violations  # noqa: E402
+
+from mlxedge.quant.metal import AFFINE_RTN, KernelSpec, affine_rtn_launch  # noqa: E402
+from mlxedge.quant.schemes import STORAGE_DTYPES, SUPPORTED_BITS, AffineScheme, quantize  # noqa: E402
+
+GROUPS = (32, 64, 128)
+DTYPES = ("float32", "float16", "bfloat16")
+CASES = [(b, g, d) for b in SUPPORTED_BITS for g in GROUPS for d in DTYPES]
+ROWS, COLS = 37, 384  # 444 groups of 32 in threadgroups of 32: the last one partial
+
+
+def weights(rows: int, cols: int, g: int, bits: int, seed: int = 0) -> np.ndarray:
+    """Random rows, then the groups the rule treats specially: all zero, constant, one outlier,
+    all negative, and exact ties (half-integer codes on a unit grid)."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((rows, cols)).astype(np.float32)
+    flat = w.reshape(-1, g)
+    flat[1] = 0.0
+    flat[2] = 0.75
+    flat[3, 5] = 40.0  # a single outlier
+    flat[4] = -np.abs(flat[4]) - 0.5
+    top = min((1 << bits) - 1, 63)  # ties stay exact in bfloat16 below 64
+    ties = np.arange(g, dtype=np.float32) % top + 0.5
+    ties[0], ties[1] = 0.0, float((1 << bits) - 1)
+    flat[5] = ties
+    flat[6] = -ties
+    return w
+
+
+def _launch(w: np.ndarray, bits: int, g: int, dtype: str):
+    return affine_rtn_launch(mx.array(w), bits, g, dtype, threadgroup=32)
+
+
+def _inputs(w: np.ndarray, g: int, dtype: str) -> list[np.ndarray]:
+    stored = w.astype(STORAGE_DTYPES[dtype]).reshape(-1)
+    return [stored, np.array(stored.size // g, np.uint32)]
+
+
+@pytest.fixture(scope="module")
+def harness() -> Harness:
+    w = np.zeros((ROWS, COLS), np.float32)
+    return Harness([(AFFINE_RTN, _launch(w, b, g, d)) for b, g, d in CASES])
+
+
+@pytest.mark.parametrize("bits,group_size,dtype", CASES)
+def test_affine_rtn_kernel_equals_the_specification(harness, bits, group_size, dtype):
+    i = CASES.index((bits, group_size, dtype))
+    for seed in (0, 1):
+        w = weights(ROWS, COLS, group_size, bits, seed)
+        codes, scales, biases = harness.run(i, _inputs(w, group_size, dtype),
+                                            _launch(w, bits, group_size, dtype))  # fmt: skip
+        qt = quantize(w, AffineScheme(bits, group_size), dtype, "rtn")
+        assert np.array_equal(codes.view(np.uint32), qt.weight.reshape(-1).view(np.uint32))
+        for got, want in ((scales, qt.scales), (biases, qt.biases)):
+            assert np.array_equal(got.view(np.uint8), want.reshape(-1).view(np.uint8))
+
+
+def _broken(find: str, replace: str) -> KernelSpec:
+    assert find in AFFINE_RTN.source
+    return KernelSpec(AFFINE_RTN.name, AFFINE_RTN.inputs, AFFINE_RTN.outputs,
+                      AFFINE_RTN.source.replace(find, replace))  # fmt: skip
+
+
+@pytest.mark.parametrize("what,find,replace", [
+    ("an off-by-one in the packing", "<< filled;", "<< (filled + 1);"),
+    ("ties rounded away from zero", "float q = metal::rint(", "float q = metal::round("),
+    ("the edge thread skipped", "if (g >= n_groups) {", "if (g + 1 >= n_groups) {"),
+])  # fmt: skip
+def test_a_broken_kernel_is_caught(what, find, replace):
+    bits, g, dtype = 4, 32, "float16"
+    w = weights(ROWS, COLS, g, bits)
+    harness = Harness([(_broken(find, replace), _launch(w, bits, g, dtype))])
+    codes, scales, biases = harness.run(0, _inputs(w, g, dtype), _launch(w, bits, g, dtype))
+    qt = quantize(w, AffineScheme(bits, g), dtype, "rtn")
+    same = (np.array_equal(codes.view(np.uint32), qt.weight.reshape(-1).view(np.uint32))
+            and np.array_equal(scales.view(np.uint16), qt.scales.reshape(-1).view(np.uint16)))  # fmt: skip
+    assert not same, what
+
+
+@pytest.mark.parametrize("construct", [
+    "std::max(lo, hi)", "float* t = new float[4];", "double d = 0;", "static float s = 0;",
+    "printf(\"%f\", lo);", "try { } catch (...) { }",
+])  # fmt: skip
+def test_text_outside_metal_is_refused(construct):
+    text = AFFINE_RTN.source.replace("    uint g = thread_position_in_grid.x;",
+                                     f"    {construct}\n    uint g = thread_position_in_grid.x;")  # fmt: skip
+    assert metal_violations(text)
+    spec = KernelSpec(AFFINE_RTN.name, AFFINE_RTN.inputs, AFFINE_RTN.outputs, text)
+    w = np.zeros((4, 64), np.float32)
+    with pytest.raises(ValueError, match="Metal lacks"):
+        Harness([(spec, _launch(w, 4, 32, "float32"))])
+
+
+def test_our_kernels_pass_the_metal_checks():
+    assert metal_violations(AFFINE_RTN.source) == []
+
+
+def test_the_harness_runs_mlx_generated_text():
+    """The text compiled is MLX's: its signature, template arguments and attributes."""
+    from mlxedge.quant.metal import generated_source
+
+    text = generated_source(AFFINE_RTN, _launch(np.zeros((4, 64), np.float32), 4, 32,
+                                                "bfloat16"))  # fmt: skip
+    assert "[[kernel]] void custom_kernel_affine_quantize_rtn" in text
+    assert "const device bfloat16_t* w [[buffer(0)]]" in text
+    assert "const constant uint32_t& n_groups [[buffer(1)]]" in text
+    assert "uint3 thread_position_in_grid [[thread_position_in_grid]]" in text
+    assert AFFINE_RTN.source.strip() in text
