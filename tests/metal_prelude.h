@@ -17,6 +17,7 @@
 #define thread
 
 typedef uint32_t uint;
+typedef uint16_t ushort;
 struct uint3 {
     uint32_t x, y, z;
 };
@@ -45,6 +46,15 @@ struct bfloat16_t {
         return f;
     }
 };
+
+// as_type<T>(x): the same bits as another type of the same size.
+template <class To, class From>
+inline To as_type(From from) {
+    static_assert(sizeof(To) == sizeof(From), "as_type needs types of one size");
+    To to;
+    std::memcpy(&to, &from, sizeof(To));
+    return to;
+}
 
 namespace metal {
 inline float min(float a, float b) { return std::fmin(a, b); }

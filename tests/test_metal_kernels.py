@@ -1,4 +1,4 @@
-"""Our Metal kernels, executed on Linux from the very text MLX generates for a Mac, compared bit
+"""Our Metal kernels (affine rtn; llama.cpp's legacy blocks), executed on Linux from the very text MLX generates for a Mac, compared bit
 for bit with the numpy specification (`mlxedge/quant/schemes.py`); see tests/metal_harness.py.
 
 The harness can fail: copies of a kernel with an off-by-one in the packing or a changed rounding
@@ -14,7 +14,15 @@ mx = pytest.importorskip("mlx.core")
 
 from metal_harness import Harness, metal_violations  # noqa: E402
 
-from mlxedge.quant.metal import AFFINE_RTN, KernelSpec, affine_rtn_launch  # noqa: E402
+from mlxedge.quant import ggml  # noqa: E402
+from mlxedge.quant.metal import (  # noqa: E402
+    AFFINE_RTN,
+    GGML_LEGACY,
+    LEGACY_TYPES,
+    KernelSpec,
+    affine_rtn_launch,
+    ggml_legacy_launch,
+)
 from mlxedge.quant.schemes import STORAGE_DTYPES, SUPPORTED_BITS, AffineScheme, quantize  # noqa: E402
 
 GROUPS = (32, 64, 128)
@@ -106,7 +114,8 @@ def test_text_outside_metal_is_refused(construct):
 
 
 def test_our_kernels_pass_the_metal_checks():
-    assert metal_violations(AFFINE_RTN.source) == []
+    for spec in (AFFINE_RTN, GGML_LEGACY):
+        assert metal_violations(spec.source) == [], spec.name
 
 
 def test_the_harness_runs_mlx_generated_text():
@@ -120,3 +129,55 @@ def test_the_harness_runs_mlx_generated_text():
     assert "const constant uint32_t& n_groups [[buffer(1)]]" in text
     assert "uint3 thread_position_in_grid [[thread_position_in_grid]]" in text
     assert AFFINE_RTN.source.strip() in text
+
+
+# --- llama.cpp's legacy blocks ----------------------------------------------------------------
+
+LEGACY = tuple(LEGACY_TYPES)
+LEGACY_ROWS, LEGACY_COLS = 23, 256  # 184 blocks in threadgroups of 32: the last one partial
+
+
+def legacy_rows(seed: int) -> np.ndarray:
+    """Random rows, then blocks of all zeros, negative zeros, a constant, one outlier, all
+    negative, and exact ties of Q8_0's rounding (amax 127: codes are the values themselves)."""
+    x = np.random.default_rng(seed).standard_normal((LEGACY_ROWS, LEGACY_COLS)).astype(np.float32)
+    blocks = x.reshape(-1, 32)
+    blocks[1] = 0.0
+    blocks[2] = -0.0
+    blocks[3] = 0.3
+    blocks[4, 7] = -25.0
+    blocks[5] = -np.abs(blocks[5])
+    blocks[6] = np.arange(32, dtype=np.float32) - 15.5
+    blocks[6, 0] = 127.0
+    return x
+
+
+@pytest.fixture(scope="module")
+def legacy_harness() -> Harness:
+    x = np.zeros((LEGACY_ROWS, LEGACY_COLS), np.float32)
+    return Harness([(GGML_LEGACY, ggml_legacy_launch(mx.array(x), t, threadgroup=32))
+                    for t in LEGACY])  # fmt: skip
+
+
+@pytest.mark.parametrize("type_name", LEGACY)
+def test_legacy_block_kernel_writes_llamacpps_bytes(legacy_harness, type_name):
+    for seed in (0, 1):
+        x = legacy_rows(seed)
+        launch = ggml_legacy_launch(mx.array(x), type_name, threadgroup=32)
+        inputs = [x.reshape(-1), np.array(x.size // 32, np.uint32)]
+        (blocks,) = legacy_harness.run(LEGACY.index(type_name), inputs, launch)
+        want = ggml.TYPES[type_name].quantize(x.reshape(-1, 32))  # the numpy specification
+        assert np.array_equal(blocks, want.reshape(-1)), type_name
+
+
+def test_a_broken_legacy_kernel_is_caught():
+    """Q5_0's high bits shifted one element along: caught on the same inputs."""
+    find = "byte |= ((q[8 * k + j] >> 4) & 1u) << j;"
+    assert find in GGML_LEGACY.source
+    broken = KernelSpec(GGML_LEGACY.name, GGML_LEGACY.inputs, GGML_LEGACY.outputs,
+                        GGML_LEGACY.source.replace(find, find.replace("<< j", "<< ((j + 1) & 7)")))  # fmt: skip
+    x = legacy_rows(0)
+    launch = ggml_legacy_launch(mx.array(x), "Q5_0", threadgroup=32)
+    (blocks,) = Harness([(broken, launch)]).run(0, [x.reshape(-1), np.array(x.size // 32,
+                                                                            np.uint32)])  # fmt: skip
+    assert not np.array_equal(blocks, ggml.TYPES["Q5_0"].quantize(x.reshape(-1, 32)).reshape(-1))

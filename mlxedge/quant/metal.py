@@ -38,7 +38,10 @@ class KernelSpec:
 
 
 AFFINE_RTN = KernelSpec("affine_quantize_rtn", ("w", "n_groups"), ("codes", "scales", "biases"))
-KERNELS = (AFFINE_RTN,)
+GGML_LEGACY = KernelSpec("ggml_quantize_legacy", ("x", "n_blocks"), ("blocks",))
+KERNELS = (AFFINE_RTN, GGML_LEGACY)
+# the TYPE template value of each legacy block type, and its bytes per block of 32
+LEGACY_TYPES = {"Q8_0": (0, 34), "Q4_0": (1, 18), "Q4_1": (2, 20), "Q5_0": (3, 22), "Q5_1": (4, 24)}
 
 
 def header() -> str:
@@ -133,4 +136,22 @@ def affine_rtn_launch(w, bits: int, group_size: int, dtype: str, threadgroup: in
         grid=(groups, 1, 1),
         threadgroup=(min(threadgroup, groups), 1, 1),
         template=(("T", t), ("GROUP", group_size), ("BITS", bits)),
+    )
+
+
+def ggml_legacy_launch(x, type_name: str, threadgroup: int = 256) -> Launch:
+    """The launch that quantizes float32 rows `x` (an mx array whose size is a multiple of 32)
+    into llama.cpp's `type_name` blocks (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1)."""
+    import mlx.core as mx
+
+    n = int(np.prod(x.shape))
+    blocks = n // 32
+    type_id, size = LEGACY_TYPES[type_name]
+    return Launch(
+        inputs=(mx.reshape(x.astype(mx.float32), (n,)), mx.array(blocks, dtype=mx.uint32)),
+        output_shapes=((blocks * size,),),
+        output_dtypes=(mx.uint8,),
+        grid=(blocks, 1, 1),
+        threadgroup=(min(threadgroup, blocks), 1, 1),
+        template=(("TYPE", type_id),),
     )
