@@ -147,6 +147,26 @@ _RECIPE = click.option(
 )
 
 
+def _set_kernels(ctx, param, value: str | None) -> None:
+    from .quant import backend
+
+    try:
+        backend.set_kernels(value)
+    except MlxedgeError as e:
+        raise click.BadParameter(f"{e.message}; {e.fix}" if e.fix else e.message) from None
+
+
+_KERNELS = click.option(
+    "--kernels",
+    type=click.Choice(["metal", "native", "numpy"]),
+    expose_value=False,
+    callback=_set_kernels,
+    help="Which quantizer implementation runs (the same bytes from each): metal (Apple GPU), "
+    "native (C, every core) or numpy (the specification). Default: the fastest here; -v says "
+    "which ran.",
+)
+
+
 def _gguf_type_option(help_text: str):
     return click.option("--type", "type_name", metavar="TYPE", help=help_text)
 
@@ -166,6 +186,7 @@ def _gguf_type_option(help_text: str):
 @_GROUP_SIZE
 @_METHOD
 @_RECIPE
+@_KERNELS
 @click.option(
     "--override",
     multiple=True,
@@ -450,6 +471,7 @@ def export() -> None:
     "Default: read from tokenizer.json.",
 )
 @click.option("--ollama", is_flag=True, help="Also write an Ollama Modelfile beside the GGUF.")
+@_KERNELS
 @click.option("--revision", help="Hub revision (branch, tag or commit) for a Hub id.")
 @click.option("-f", "--force", is_flag=True, help="Replace the output if it exists.")
 def export_gguf(model, output, type_name, pure, pre_tokenizer, ollama, revision, force):
@@ -475,6 +497,7 @@ def export_gguf(model, output, type_name, pure, pre_tokenizer, ollama, revision,
 @_GROUP_SIZE
 @_METHOD
 @_RECIPE
+@_KERNELS
 @click.option(
     "--context",
     type=click.IntRange(2, 1 << 20),

@@ -30,14 +30,21 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked `macos` need the Core ML runtime: elsewhere they skip, saying so (each has a
-    Linux counterpart on the interpreter)."""
-    if sys.platform == "darwin":
-        return
-    skip = pytest.mark.skipif(True, reason="needs macOS: the Core ML runtime exists only there")
+    """Tests marked `macos` need the Core ML runtime, tests marked `metal` the GPU: elsewhere they
+    skip, saying so (each has a Linux counterpart: the interpreter, the kernel harness)."""
+    from mlxedge.quant.backend import metal_available
+
+    skips = {}
+    if sys.platform != "darwin":
+        skips["macos"] = pytest.mark.skip(reason="needs macOS: the Core ML runtime exists only there")
+    if not metal_available():
+        skips["metal"] = pytest.mark.skip(
+            reason="needs Apple Silicon's GPU (on Linux the harness runs the same kernel text)"
+        )
     for item in items:
-        if "macos" in item.keywords:
-            item.add_marker(skip)
+        for marker, skip in skips.items():
+            if marker in item.keywords:
+                item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -99,6 +99,7 @@ class CardFacts:
     license: str | None
     base_model: str | None
     method: str
+    kernels: str  # which implementation quantized (all give the same bytes)
     dtype: str
     default: AffineScheme
     recipe: str
@@ -137,6 +138,7 @@ def model_card(facts: CardFacts) -> bytes:
         "| | |",
         "|---|---|",
         f"| method | {facts.method} |",
+        f"| quantized by | {facts.kernels} kernels |",
         f"| recipe | {facts.recipe} |",
         f"| default bits / group size | {facts.default.bits} / {facts.default.group_size} |",
         f"| scales, biases and float tensors | {facts.dtype} |",
@@ -253,6 +255,7 @@ class MLXFolderWriter:
             license=self.model.license,
             base_model=self.model.base_model,
             method=report.method,
+            kernels=backend.kernel_family(report.method),
             dtype=self.dtype,
             default=AffineScheme(self.opts.bits, self.opts.group_size),
             recipe=self.opts.recipe,

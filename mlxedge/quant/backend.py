@@ -95,13 +95,64 @@ def native_available() -> bool:
     return _affine is not None and os.environ.get(NATIVE_ENV, "1") != "0"
 
 
-def active_backend(method: str = "rtn") -> str:
-    """Name of the implementation `quantize` uses for `method` on this machine."""
+# The quantizer families `--kernels` chooses from; None: the fastest this machine has.
+KERNELS = ("metal", "native", "numpy")
+_forced: str | None = None
+
+
+def set_kernels(name: str | None) -> None:
+    """Use `name` (one of KERNELS) for every quantizer from now on; None: choose per machine.
+
+    Raises:
+        MlxedgeError: an unknown name, or one this machine cannot run.
+    """
+    global _forced
+    if name is not None and name not in KERNELS:
+        raise MlxedgeError(f"--kernels {name} is not one of {', '.join(KERNELS)}")
+    if name == "metal" and not metal_available():
+        raise MlxedgeError("--kernels metal needs Apple Silicon's GPU, which this machine lacks",
+                           fix="use --kernels native or numpy (the same bytes)")  # fmt: skip
+    if name == "native" and not native_available():
+        raise MlxedgeError("--kernels native: the native kernels are not built here",
+                           fix="reinstall with a C compiler (make install), or use numpy")  # fmt: skip
+    _forced = name
+
+
+def metal_available() -> bool:
+    """Whether our Metal kernels can run: macOS with MLX's Metal back end."""
+    import sys
+
+    return sys.platform == "darwin" and mx is not None and mx.metal.is_available()
+
+
+def kernel_family(method: str = "rtn", ggml_type: str | None = None) -> str:
+    """Which implementation quantizes with `method` (or into `ggml_type` blocks): metal, native,
+    mlx-cpu or numpy. `--kernels` decides when given; otherwise Metal, then native C, then MLX's
+    CPU stream (rtn only), then numpy. All give the same bytes."""
+    from .metal import METAL_GGML_TYPES, METAL_METHODS
+
+    has_metal = ggml_type in METAL_GGML_TYPES if ggml_type else method in METAL_METHODS
+    if _forced == "metal":
+        if not has_metal:
+            what = ggml_type or method
+            raise MlxedgeError(f"--kernels metal: no Metal kernel for {what} yet",
+                               fix="use --kernels native (the same bytes)")  # fmt: skip
+        return "metal"
+    if _forced is not None:
+        return _forced
+    if has_metal and metal_available():
+        return "metal"
     if native_available():
-        return f"native ({thread_count()} threads)"
-    if mx is not None and method == "rtn":
-        return "mlx (cpu)"
+        return "native"
+    if mx is not None and method == "rtn" and ggml_type is None:
+        return "mlx-cpu"
     return "numpy"
+
+
+def active_backend(method: str = "rtn") -> str:
+    """What `quantize` uses for `method` on this machine, for logs (-v)."""
+    family = kernel_family(method)
+    return f"native ({thread_count()} threads)" if family == "native" else family
 
 
 _NATIVE_DTYPES = {"float32": 0, "float16": 1, "bfloat16": 2}
@@ -180,14 +231,17 @@ def quantize(
     if method not in schemes.METHODS:
         raise MlxedgeError(f"method {method!r} is not supported", fix=f"choose one of {METHODS}")
     out_dtype = schemes.storage_dtype(dtype)
-    if native_available() and scheme.fits(w.shape[1]):
+    family = kernel_family(method)
+    if family == "native" and scheme.fits(w.shape[1]):
         qt = _native_quantize(np.asarray(w), scheme, dtype, method)
         return qt, sampled_error(qt, w)
     w = np.asarray(w).astype(out_dtype, copy=False)
     finite = np.isfinite(w.astype(np.float32, copy=False)).all(axis=1)
     if not finite.all():
         raise NonFiniteWeights(int(np.argmin(finite)))
-    if mx is not None and method == "rtn":
+    if family == "metal" and scheme.fits(w.shape[1]):
+        qt = _metal_quantize(w, scheme, dtype)
+    elif family == "mlx-cpu":
         # On MLX's CPU stream: its Metal kernel rounds half away from zero and seeds its min/max
         # differently (an all-negative group gets another scale), so only the CPU kernel gives
         # the specification's bytes. Metal kernels of our own are metal_kernels/'s job.
@@ -198,6 +252,22 @@ def quantize(
     else:
         qt = schemes.quantize(w, scheme, dtype, method)
     return qt, sampled_error(qt, w)
+
+
+def _metal_quantize(w: np.ndarray, scheme: AffineScheme, dtype: str) -> QuantizedTensor:
+    """Our Metal kernel (metal_kernels/affine_quantize_rtn.metal) on the GPU: w is already in
+    the storage dtype and finite."""
+    from . import metal
+
+    rows, cols = w.shape
+    launch = metal.affine_rtn_launch(_to_mx(w), scheme.bits, scheme.group_size, dtype)
+    codes, scales, biases = metal.call(metal.AFFINE_RTN, launch)
+    return QuantizedTensor(
+        _to_np(codes).reshape(rows, cols * scheme.bits // 32),
+        _to_np(scales).reshape(rows, cols // scheme.group_size),
+        _to_np(biases).reshape(rows, cols // scheme.group_size),
+        scheme,
+    )
 
 
 def sampled_error(qt: QuantizedTensor, w: np.ndarray) -> QuantError:
@@ -231,8 +301,20 @@ def encode_ggml(w: np.ndarray, type_name: str) -> np.ndarray:
         import gguf
 
         return gguf.quants.quantize(w, gguf.GGMLQuantizationType.BF16).view(np.uint8)
-    from .ggml import quantize_rows  # imported on first use: MLX folders never need it
+    from .ggml import TYPES, quantize_rows  # imported on first use: MLX folders never need it
 
+    family = kernel_family(ggml_type=type_name)
+    if family == "metal":
+        from . import metal
+
+        x = np.ascontiguousarray(w, dtype=np.float32)
+        (blocks,) = metal.call(metal.GGML_LEGACY, metal.ggml_legacy_launch(_to_mx(x), type_name))
+        return _to_np(blocks).reshape(x.shape[0], -1)
+    if family == "numpy":
+        t = TYPES[type_name]
+        rows, cols = w.shape
+        blocks = t.quantize(np.asarray(w, dtype=np.float32).reshape(-1, t.block_size))
+        return blocks.reshape(rows, cols // t.block_size * t.type_size)
     return quantize_rows(w, type_name)
 
 

@@ -40,6 +40,8 @@ class KernelSpec:
 AFFINE_RTN = KernelSpec("affine_quantize_rtn", ("w", "n_groups"), ("codes", "scales", "biases"))
 GGML_LEGACY = KernelSpec("ggml_quantize_legacy", ("x", "n_blocks"), ("blocks",))
 KERNELS = (AFFINE_RTN, GGML_LEGACY)
+METAL_METHODS = ("rtn",)  # affine methods with a Metal kernel
+METAL_GGML_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 # the TYPE template value of each legacy block type, and its bytes per block of 32
 LEGACY_TYPES = {"Q8_0": (0, 34), "Q4_0": (1, 18), "Q4_1": (2, 20), "Q5_0": (3, 22), "Q5_1": (4, 24)}
 

@@ -209,6 +209,7 @@ def write_gguf(
                            mix=mix.name if mix else "MLX", file_type=file_type)  # fmt: skip
     if on_plan is not None:
         on_plan(plans)
+    _log_kernels(plans)
     path = Path(path)
     targets = [(path, False)] + ([(modelfile_path(path), False)] if ollama else [])
     with atomic_set(targets, force=force, protect=[model.path, *protect]) as temps:
@@ -259,6 +260,16 @@ def _add_tensor_info(writer: gguf.GGUFWriter, p: TensorPlan) -> None:
         block, size = gguf.GGML_QUANT_SIZES[raw]
         byte_shape = (*p.shape[:-1], p.shape[-1] // block * size)
         writer.add_tensor_info(p.name, byte_shape, np.dtype(np.uint8), p.nbytes, raw)
+
+
+def _log_kernels(plans) -> None:
+    """Which implementation quantizes each block type (-v)."""
+    from ...quant import backend
+
+    blocks = sorted({p.ggml_type for p in plans if p.ggml_type and p.ggml_type[0] in "QI"
+                     and not p.repack})  # fmt: skip
+    for t in blocks:
+        log.info("%s blocks quantized by the %s kernels", t, backend.kernel_family(ggml_type=t))
 
 
 def _dominant_file_type(plans: list[TensorPlan]) -> int:
