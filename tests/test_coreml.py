@@ -375,3 +375,14 @@ def test_8_bit_and_float16_packages(args, exported, tmp_path):
     assert result.exit_code == 0, result.output
     (row,) = json.loads(result.output)
     assert row["passed"] and row["fidelity"]["kl_mean"] <= 5e-3
+
+
+def test_the_interpreter_runs_what_traced_programs_add():
+    """Programs converted from PyTorch (Apple's recipe, bench/coreml_apple_recipe.py) square with
+    `pow` and join shape scalars with `concat`."""
+    ops = coreml_interp._OPS
+    assert ops["pow"](np.array([3.0, -2.0], np.float32), np.float32(2)).tolist() == [9.0, 4.0]
+    joined = ops["concat"]([np.int32(1), np.array([5], np.int32), np.int32(7)], axis=0)
+    assert joined.tolist() == [1, 5, 7]
+    with pytest.raises(ValueError):  # tensors of different ranks still do not join
+        ops["concat"]([np.zeros((2, 2)), np.zeros(2)], axis=0)

@@ -230,7 +230,10 @@ def _cast(x, dtype):
 def _concat(values, axis, interleave=False):
     if interleave:
         raise MlxedgeError("concat with interleave is not implemented by the interpreter")
-    return np.concatenate([np.asarray(v) for v in values], axis=int(axis))
+    arrays = [np.asarray(v) for v in values]
+    if all(a.ndim <= 1 for a in arrays):  # shape arithmetic: scalars join as one-element vectors
+        arrays = [np.atleast_1d(a) for a in arrays]
+    return np.concatenate(arrays, axis=int(axis))
 
 
 def _linear(x, weight, bias=None):
@@ -280,6 +283,7 @@ _OPS: dict[str, Callable] = {
     "sub": _binary(np.subtract),
     "mul": _binary(np.multiply),
     "real_div": _binary(np.divide),
+    "pow": _binary(np.power),
     "maximum": _binary(np.maximum),
     "minimum": _binary(np.minimum),
     "greater": _binary(np.greater),
