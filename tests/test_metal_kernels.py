@@ -16,8 +16,12 @@ from metal_harness import Harness, metal_violations  # noqa: E402
 
 from mlxedge.quant import ggml  # noqa: E402
 from mlxedge.quant.metal import (  # noqa: E402
+    AFFINE_DEQUANT,
     AFFINE_RTN,
     GGML_LEGACY,
+    GGML_LEGACY_DEQUANT,
+    affine_dequant_launch,
+    ggml_legacy_dequant_launch,
     LEGACY_TYPES,
     KernelSpec,
     affine_rtn_launch,
@@ -114,7 +118,7 @@ def test_text_outside_metal_is_refused(construct):
 
 
 def test_our_kernels_pass_the_metal_checks():
-    for spec in (AFFINE_RTN, GGML_LEGACY):
+    for spec in (AFFINE_RTN, GGML_LEGACY, AFFINE_DEQUANT, GGML_LEGACY_DEQUANT):
         assert metal_violations(spec.source) == [], spec.name
 
 
@@ -181,3 +185,48 @@ def test_a_broken_legacy_kernel_is_caught():
     (blocks,) = Harness([(broken, launch)]).run(0, [x.reshape(-1), np.array(x.size // 32,
                                                                             np.uint32)])  # fmt: skip
     assert not np.array_equal(blocks, ggml.TYPES["Q5_0"].quantize(x.reshape(-1, 32)).reshape(-1))
+
+
+# --- dequantize -------------------------------------------------------------------------------
+
+
+def _mx(a: np.ndarray):
+    import ml_dtypes
+
+    if a.dtype == ml_dtypes.bfloat16:
+        return mx.array(a.view(np.uint16)).view(mx.bfloat16)
+    return mx.array(a)
+
+
+@pytest.fixture(scope="module")
+def dequant_harness() -> Harness:
+    instances = []
+    for b, g, d in CASES:
+        qt = quantize(np.zeros((ROWS, COLS), np.float32), AffineScheme(b, g), d, "rtn")
+        instances.append((AFFINE_DEQUANT, affine_dequant_launch(
+            _mx(qt.weight), _mx(qt.scales), _mx(qt.biases), b, g, threadgroup=32)))  # fmt: skip
+    return Harness(instances)
+
+
+@pytest.mark.parametrize("bits,group_size,dtype", CASES)
+def test_affine_dequantize_kernel_equals_the_specification(dequant_harness, bits, group_size,
+                                                           dtype):  # fmt: skip
+    from mlxedge.quant.schemes import dequantize
+
+    qt = quantize(weights(ROWS, COLS, group_size, bits), AffineScheme(bits, group_size), dtype,
+                  "mse")  # fmt: skip
+    inputs = [qt.weight.reshape(-1), qt.scales.reshape(-1), qt.biases.reshape(-1),
+              np.array(qt.scales.size, np.uint32)]  # fmt: skip
+    (w,) = dequant_harness.run(CASES.index((bits, group_size, dtype)), inputs)
+    assert np.array_equal(w.view(np.uint32), dequantize(qt).reshape(-1).view(np.uint32))
+
+
+@pytest.mark.parametrize("type_name", LEGACY)
+def test_legacy_dequantize_kernel_equals_the_specification(type_name):
+    x = legacy_rows(0)
+    blocks = ggml.TYPES[type_name].quantize(x.reshape(-1, 32)).reshape(-1)
+    launch = ggml_legacy_dequant_launch(mx.array(blocks), type_name, threadgroup=32)
+    (got,) = Harness([(GGML_LEGACY_DEQUANT, launch)]).run(
+        0, [blocks, np.array(blocks.size // LEGACY_TYPES[type_name][1], np.uint32)])
+    want = ggml.TYPES[type_name].dequantize(blocks.reshape(-1, LEGACY_TYPES[type_name][1]))
+    assert np.array_equal(got.view(np.uint32), want.reshape(-1).astype(np.float32).view(np.uint32))

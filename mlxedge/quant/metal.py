@@ -39,7 +39,9 @@ class KernelSpec:
 
 AFFINE_RTN = KernelSpec("affine_quantize_rtn", ("w", "n_groups"), ("codes", "scales", "biases"))
 GGML_LEGACY = KernelSpec("ggml_quantize_legacy", ("x", "n_blocks"), ("blocks",))
-KERNELS = (AFFINE_RTN, GGML_LEGACY)
+AFFINE_DEQUANT = KernelSpec("affine_dequantize", ("codes", "scales", "biases", "n_groups"), ("w",))
+GGML_LEGACY_DEQUANT = KernelSpec("ggml_dequantize_legacy", ("blocks", "n_blocks"), ("x",))
+KERNELS = (AFFINE_RTN, GGML_LEGACY, AFFINE_DEQUANT, GGML_LEGACY_DEQUANT)
 METAL_METHODS = ("rtn",)  # affine methods with a Metal kernel
 METAL_GGML_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 # the TYPE template value of each legacy block type, and its bytes per block of 32
@@ -155,5 +157,39 @@ def ggml_legacy_launch(x, type_name: str, threadgroup: int = 256) -> Launch:
         output_dtypes=(mx.uint8,),
         grid=(blocks, 1, 1),
         threadgroup=(min(threadgroup, blocks), 1, 1),
+        template=(("TYPE", type_id),),
+    )
+
+
+def affine_dequant_launch(codes, scales, biases, bits: int, group_size: int,
+                          threadgroup: int = 256) -> Launch:  # fmt: skip
+    """The launch that dequantizes MLX codes (uint32 stream), scales and biases (mx arrays of
+    one dtype) to float32 weights."""
+    import mlx.core as mx
+
+    groups = int(np.prod(scales.shape))
+    return Launch(
+        inputs=(mx.reshape(codes, (-1,)), mx.reshape(scales, (-1,)), mx.reshape(biases, (-1,)),
+                mx.array(groups, dtype=mx.uint32)),  # fmt: skip
+        output_shapes=((groups * group_size,),),
+        output_dtypes=(mx.float32,),
+        grid=(groups, 1, 1),
+        threadgroup=(min(threadgroup, groups), 1, 1),
+        template=(("T", scales.dtype), ("GROUP", group_size), ("BITS", bits)),
+    )
+
+
+def ggml_legacy_dequant_launch(blocks, type_name: str, threadgroup: int = 256) -> Launch:
+    """The launch that turns llama.cpp `type_name` block bytes (an mx uint8 array) into float32."""
+    import mlx.core as mx
+
+    type_id, size = LEGACY_TYPES[type_name]
+    n_blocks = int(np.prod(blocks.shape)) // size
+    return Launch(
+        inputs=(mx.reshape(blocks, (-1,)), mx.array(n_blocks, dtype=mx.uint32)),
+        output_shapes=((n_blocks * 32,),),
+        output_dtypes=(mx.float32,),
+        grid=(n_blocks, 1, 1),
+        threadgroup=(min(threadgroup, n_blocks), 1, 1),
         template=(("TYPE", type_id),),
     )
