@@ -18,9 +18,11 @@ from mlxedge.quant import ggml  # noqa: E402
 from mlxedge.quant.metal import (  # noqa: E402
     AFFINE_DEQUANT,
     AFFINE_RTN,
+    AFFINE_SEARCH,
     GGML_LEGACY,
     GGML_LEGACY_DEQUANT,
     affine_dequant_launch,
+    affine_search_launch,
     ggml_legacy_dequant_launch,
     LEGACY_TYPES,
     KernelSpec,
@@ -118,7 +120,7 @@ def test_text_outside_metal_is_refused(construct):
 
 
 def test_our_kernels_pass_the_metal_checks():
-    for spec in (AFFINE_RTN, GGML_LEGACY, AFFINE_DEQUANT, GGML_LEGACY_DEQUANT):
+    for spec in (AFFINE_RTN, AFFINE_SEARCH, GGML_LEGACY, AFFINE_DEQUANT, GGML_LEGACY_DEQUANT):
         assert metal_violations(spec.source) == [], spec.name
 
 
@@ -230,3 +232,50 @@ def test_legacy_dequantize_kernel_equals_the_specification(type_name):
         0, [blocks, np.array(blocks.size // LEGACY_TYPES[type_name][1], np.uint32)])
     want = ggml.TYPES[type_name].dequantize(blocks.reshape(-1, LEGACY_TYPES[type_name][1]))
     assert np.array_equal(got.view(np.uint32), want.reshape(-1).astype(np.float32).view(np.uint32))
+
+
+# --- the squared-error searches ---------------------------------------------------------------
+
+SEARCH_CASES = [(m, b, g, d) for m in ("mse", "mse-zero") for b, g, d in CASES]
+SEARCH_ROWS, SEARCH_COLS = 9, 384  # 108 groups of 32 in threadgroups of 32: the last partial
+
+
+@pytest.fixture(scope="module")
+def search_harness() -> Harness:
+    w = np.zeros((SEARCH_ROWS, SEARCH_COLS), np.float32)
+    return Harness([(AFFINE_SEARCH, affine_search_launch(mx.array(w), b, g, d, m, threadgroup=32))
+                    for m, b, g, d in SEARCH_CASES])  # fmt: skip
+
+
+@pytest.mark.parametrize("method,bits,group_size,dtype", SEARCH_CASES)
+def test_search_kernel_equals_the_specification(search_harness, method, bits, group_size, dtype):
+    i = SEARCH_CASES.index((method, bits, group_size, dtype))
+    w = weights(SEARCH_ROWS, SEARCH_COLS, group_size, bits, seed=2)
+    launch = affine_search_launch(mx.array(w), bits, group_size, dtype, method, threadgroup=32)
+    codes, scales, biases = search_harness.run(i, _inputs(w, group_size, dtype), launch)
+    qt = quantize(w, AffineScheme(bits, group_size), dtype, method)
+    assert np.array_equal(codes.view(np.uint32), qt.weight.reshape(-1).view(np.uint32))
+    for got, want in ((scales, qt.scales), (biases, qt.biases)):
+        assert np.array_equal(got.view(np.uint8), want.reshape(-1).view(np.uint8))
+
+
+@pytest.mark.parametrize("method,what,find,replace", [
+    ("mse", "the least-squares lanes summed in another order",
+     "float sqw = (a0 + a2) + (a1 + a3);", "float sqw = (a0 + a1) + (a2 + a3);"),
+    ("mse-zero", "ties (not strict improvements) accepted", "if (err < best_err) {",
+     "if (err <= best_err) {"),
+    ("mse-zero", "one shrink fraction changed", "{0.0f, 0.05f, 0.12f}", "{0.0f, 0.05f, 0.125f}"),
+])  # fmt: skip
+def test_a_broken_search_kernel_is_caught(method, what, find, replace):
+    bits, g, dtype = 3, 64, "float32"
+    assert find in AFFINE_SEARCH.source
+    broken = KernelSpec(AFFINE_SEARCH.name, AFFINE_SEARCH.inputs, AFFINE_SEARCH.outputs,
+                        AFFINE_SEARCH.source.replace(find, replace))  # fmt: skip
+    w = np.random.default_rng(5).standard_normal((64, 256)).astype(np.float32)
+    launch = affine_search_launch(mx.array(w), bits, g, dtype, method)
+    codes, scales, biases = Harness([(broken, launch)]).run(0, _inputs(w, g, dtype))
+    qt = quantize(w, AffineScheme(bits, g), dtype, method)
+    same = (np.array_equal(codes.view(np.uint32), qt.weight.reshape(-1).view(np.uint32))
+            and np.array_equal(scales.view(np.uint8), qt.scales.reshape(-1).view(np.uint8))
+            and np.array_equal(biases.view(np.uint8), qt.biases.reshape(-1).view(np.uint8)))  # fmt: skip
+    assert not same, what

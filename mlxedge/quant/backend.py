@@ -240,7 +240,7 @@ def quantize(
     if not finite.all():
         raise NonFiniteWeights(int(np.argmin(finite)))
     if family == "metal" and scheme.fits(w.shape[1]):
-        qt = _metal_quantize(w, scheme, dtype)
+        qt = _metal_quantize(w, scheme, dtype, method)
     elif family == "mlx-cpu":
         # On MLX's CPU stream: its Metal kernel rounds half away from zero and seeds its min/max
         # differently (an all-negative group gets another scale), so only the CPU kernel gives
@@ -254,14 +254,15 @@ def quantize(
     return qt, sampled_error(qt, w)
 
 
-def _metal_quantize(w: np.ndarray, scheme: AffineScheme, dtype: str) -> QuantizedTensor:
-    """Our Metal kernel (metal_kernels/affine_quantize_rtn.metal) on the GPU: w is already in
+def _metal_quantize(w: np.ndarray, scheme: AffineScheme, dtype: str,
+                    method: str) -> QuantizedTensor:  # fmt: skip
+    """Our Metal kernels (metal_kernels/affine_quantize_*.metal) on the GPU: w is already in
     the storage dtype and finite."""
     from . import metal
 
     rows, cols = w.shape
-    launch = metal.affine_rtn_launch(_to_mx(w), scheme.bits, scheme.group_size, dtype)
-    codes, scales, biases = metal.call(metal.AFFINE_RTN, launch)
+    kernel, launch = metal.affine_launch(_to_mx(w), scheme.bits, scheme.group_size, dtype, method)
+    codes, scales, biases = metal.call(kernel, launch)
     return QuantizedTensor(
         _to_np(codes).reshape(rows, cols * scheme.bits // 32),
         _to_np(scales).reshape(rows, cols // scheme.group_size),

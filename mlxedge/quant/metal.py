@@ -39,10 +39,12 @@ class KernelSpec:
 
 AFFINE_RTN = KernelSpec("affine_quantize_rtn", ("w", "n_groups"), ("codes", "scales", "biases"))
 GGML_LEGACY = KernelSpec("ggml_quantize_legacy", ("x", "n_blocks"), ("blocks",))
+AFFINE_SEARCH = KernelSpec("affine_quantize_search", ("w", "n_groups"), ("codes", "scales", "biases"))
 AFFINE_DEQUANT = KernelSpec("affine_dequantize", ("codes", "scales", "biases", "n_groups"), ("w",))
 GGML_LEGACY_DEQUANT = KernelSpec("ggml_dequantize_legacy", ("blocks", "n_blocks"), ("x",))
-KERNELS = (AFFINE_RTN, GGML_LEGACY, AFFINE_DEQUANT, GGML_LEGACY_DEQUANT)
-METAL_METHODS = ("rtn",)  # affine methods with a Metal kernel
+KERNELS = (AFFINE_RTN, AFFINE_SEARCH, GGML_LEGACY, AFFINE_DEQUANT, GGML_LEGACY_DEQUANT)
+METAL_METHODS = ("rtn", "mse", "mse-zero")  # affine methods with a Metal kernel
+_SEARCH_ZERO = {"mse": 0, "mse-zero": 1}
 METAL_GGML_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 # the TYPE template value of each legacy block type, and its bytes per block of 32
 LEGACY_TYPES = {"Q8_0": (0, 34), "Q4_0": (1, 18), "Q4_1": (2, 20), "Q5_0": (3, 22), "Q5_1": (4, 24)}
@@ -193,3 +195,18 @@ def ggml_legacy_dequant_launch(blocks, type_name: str, threadgroup: int = 256) -
         threadgroup=(min(threadgroup, n_blocks), 1, 1),
         template=(("TYPE", type_id),),
     )
+
+
+def affine_search_launch(w, bits: int, group_size: int, dtype: str, method: str,
+                         threadgroup: int = 256) -> Launch:  # fmt: skip
+    """`affine_rtn_launch` for the squared-error searches, `method` "mse" or "mse-zero"."""
+    rtn = affine_rtn_launch(w, bits, group_size, dtype, threadgroup)
+    return Launch(rtn.inputs, rtn.output_shapes, rtn.output_dtypes, rtn.grid, rtn.threadgroup,
+                  rtn.template + (("ZERO", _SEARCH_ZERO[method]),))  # fmt: skip
+
+
+def affine_launch(w, bits: int, group_size: int, dtype: str, method: str) -> tuple:
+    """(kernel, launch) quantizing `w` with `method`."""
+    if method == "rtn":
+        return AFFINE_RTN, affine_rtn_launch(w, bits, group_size, dtype)
+    return AFFINE_SEARCH, affine_search_launch(w, bits, group_size, dtype, method)
