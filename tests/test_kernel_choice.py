@@ -84,17 +84,34 @@ def test_the_default_is_the_fastest_here():
 # --- on a Mac: the real kernels -----------------------------------------------------------
 
 
+def test_non_finite_weights_are_refused_before_any_kernel_runs(monkeypatch):
+    """The check is the dispatch's, shared by every family: a Metal kernel never sees NaN."""
+
+    def no_kernel(*args):
+        raise AssertionError("a kernel ran on non-finite weights")
+
+    monkeypatch.setattr(backend, "kernel_family", lambda *a, **k: "metal")
+    monkeypatch.setattr(backend, "_metal_quantize", no_kernel)
+    for bad in (np.nan, np.inf, -np.inf):
+        w = np.ones((4, 64), np.float32)
+        w[2, 7] = bad
+        with pytest.raises(backend.NonFiniteWeights) as err:
+            backend.quantize(w, AffineScheme(4, 32), "float16", "mse")
+        assert err.value.row == 2
+
+
 @pytest.mark.metal
+@pytest.mark.parametrize("method", ["rtn", "mse", "mse-zero"])
 @pytest.mark.parametrize("bits", SUPPORTED_BITS)
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
-def test_the_metal_rtn_kernel_equals_the_specification_on_the_gpu(bits, dtype):
+def test_the_metal_kernels_equal_the_specification_on_the_gpu(method, bits, dtype):
     w = np.random.default_rng(bits).standard_normal((96, 512)).astype(np.float32)
     w[0, :64] = -np.abs(w[0, :64]) - 0.5  # an all-negative group: where MLX's own kernel differs
     try:
         backend.set_kernels("metal")
         for g in (32, 64, 128):
-            got, _ = backend.quantize(w, AffineScheme(bits, g), dtype, "rtn")
-            want = quantize(w, AffineScheme(bits, g), dtype, "rtn")
+            got, _ = backend.quantize(w, AffineScheme(bits, g), dtype, method)
+            want = quantize(w, AffineScheme(bits, g), dtype, method)
             assert np.array_equal(got.weight, want.weight)
             assert np.array_equal(got.scales.view(np.uint8), want.scales.view(np.uint8))
             assert np.array_equal(got.biases.view(np.uint8), want.biases.view(np.uint8))
@@ -127,3 +144,13 @@ def test_what_mlx_lm_gets_on_a_mac_differs_from_rtn_in_all_negative_groups():
     ours = quantize(w, AffineScheme(4, 64), "float32", "rtn")
     gpu = np.array(scales_gpu)
     assert not np.array_equal(gpu[0, 0], ours.scales[0, 0])
+
+
+def test_the_metal_benchmark_refuses_to_run_without_metal():
+    if backend.metal_available():
+        pytest.skip("this machine has Metal: bench/metal.py runs here")
+    script = Path(__file__).resolve().parents[1] / "bench" / "metal.py"
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert done.returncode == 2
+    assert "needs macOS on Apple Silicon" in done.stderr
