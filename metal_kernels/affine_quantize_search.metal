@@ -8,7 +8,7 @@
 // Grid:     (n_groups, 1, 1); any threadgroup size. Thread g searches group g and writes its
 //           whole words, scale and bias.
 //
-// Sums run in eight interleaved lanes combined as ((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7)), the
+// Sums run in eight interleaved lanes combined by `lane_total` (header.metal), the
 // specification's `_lane_sum`; integer sums of codes are exact in int; an integer is turned into
 // float as hi * 65536 + lo, one correctly rounded addition (int -> float conversion itself may
 // round toward zero on the GPU).
@@ -57,8 +57,7 @@
             float rr = r * r;
             lane[i % 8] = lane[i % 8] + rr;
         }
-        float a0 = lane[0] + lane[4], a1 = lane[1] + lane[5], a2 = lane[2] + lane[6], a3 = lane[3] + lane[7];
-        best_err = (a0 + a2) + (a1 + a3);
+        best_err = lane_total(lane);
     }
     float sw = 0.0f;  // the group's own lane sum (mse's least squares)
     {
@@ -66,8 +65,7 @@
         for (uint i = 0; i < GROUP; i++) {
             lane[i % 8] = lane[i % 8] + x[i];
         }
-        float a0 = lane[0] + lane[4], a1 = lane[1] + lane[5], a2 = lane[2] + lane[6], a3 = lane[3] + lane[7];
-        sw = (a0 + a2) + (a1 + a3);
+        sw = lane_total(lane);
     }
     const float span = hi - lo;
     const float shrink[3] = {0.0f, 0.05f, 0.12f};
@@ -95,8 +93,7 @@
                     float qw = float(qi) * x[i];
                     lane[i % 8] = lane[i % 8] + qw;
                 }
-                float a0 = lane[0] + lane[4], a1 = lane[1] + lane[5], a2 = lane[2] + lane[6], a3 = lane[3] + lane[7];
-                float sqw = (a0 + a2) + (a1 + a3);
+                float sqw = lane_total(lane);
                 int det = int(GROUP) * sqq - sq * sq;
                 bool ok = det > 0;
                 int dd = ok ? det : 1;
@@ -134,10 +131,8 @@
                     lane_d[i % 8] = lane_d[i % 8] + dk;
                     lane_n[i % 8] = lane_n[i % 8] + nk;
                 }
-                float d0 = lane_d[0] + lane_d[4], d1 = lane_d[1] + lane_d[5], d2 = lane_d[2] + lane_d[6], d3 = lane_d[3] + lane_d[7];
-                float den = (d0 + d2) + (d1 + d3);
-                float n0 = lane_n[0] + lane_n[4], n1 = lane_n[1] + lane_n[5], n2 = lane_n[2] + lane_n[6], n3 = lane_n[3] + lane_n[7];
-                float num = (n0 + n2) + (n1 + n3);
+                float den = lane_total(lane_d);
+                float num = lane_total(lane_n);
                 bool ok = den > 0.0f;
                 s = float(T(ok ? metal::precise::divide(num, den) : scale));
                 if (s == 0.0f) {
@@ -159,8 +154,7 @@
                 float rr = r * r;
                 lane[i % 8] = lane[i % 8] + rr;
             }
-            float a0 = lane[0] + lane[4], a1 = lane[1] + lane[5], a2 = lane[2] + lane[6], a3 = lane[3] + lane[7];
-            float err = (a0 + a2) + (a1 + a3);
+            float err = lane_total(lane);
             if (err < best_err) {
                 best_err = err;
                 best_s = s;

@@ -65,11 +65,23 @@ def metal_violations(text: str) -> list[str]:
     """What in `text` (a kernel body and header) the Metal Shading Language lacks, by name."""
     code = _code(text)
     found = [name for name, pattern in METAL_CHECKS.items() if re.search(pattern, code)]
-    for fn in re.findall(r"\b(\w+)\s*\([^;{)]*\)\s*\{", code):  # functions the text defines
-        body = code[code.index(fn) :]
-        if fn not in ("if", "for", "while", "switch") and len(re.findall(rf"\b{fn}\s*\(", body)) > 1:
+    for m in re.finditer(r"\b(\w+)\s*\([^;{)]*\)\s*\{", code):  # functions the text defines
+        fn = m.group(1)
+        if fn in ("if", "for", "while", "switch"):
+            continue
+        if re.search(rf"\b{fn}\s*\(", _body(code, m.end() - 1)):
             found.append(f"recursion ({fn})")
     return found
+
+
+def _body(code: str, brace: int) -> str:
+    """The text between the brace at `brace` and the one that closes it."""
+    depth = 0
+    for i in range(brace, len(code)):
+        depth += {"{": 1, "}": -1}.get(code[i], 0)
+        if depth == 0:
+            return code[brace + 1 : i]
+    return code[brace + 1 :]
 
 
 @dataclass

@@ -15,6 +15,7 @@ mx = pytest.importorskip("mlx.core")
 from metal_harness import Harness, metal_violations  # noqa: E402
 
 from mlxedge.quant import ggml  # noqa: E402
+from mlxedge.quant.metal import header  # noqa: E402
 from mlxedge.quant.metal import (  # noqa: E402
     AFFINE_DEQUANT,
     AFFINE_RTN,
@@ -119,9 +120,16 @@ def test_text_outside_metal_is_refused(construct):
         Harness([(spec, _launch(w, 4, 32, "float32"))])
 
 
+def test_recursion_is_refused_and_a_plain_helper_is_not():
+    helper = "inline float twice(float v) {\n    return v + v;\n}\n"
+    recursive = "inline float down(float v) {\n    return v > 1.0f ? down(v - 1.0f) : v;\n}\n"
+    assert metal_violations(helper + "float y = twice(1.0f);") == []
+    assert metal_violations(recursive + "float y = down(3.0f);") == ["recursion (down)"]
+
+
 def test_our_kernels_pass_the_metal_checks():
     for spec in (AFFINE_RTN, AFFINE_SEARCH, GGML_LEGACY, AFFINE_DEQUANT, GGML_LEGACY_DEQUANT):
-        assert metal_violations(spec.source) == [], spec.name
+        assert metal_violations(header() + spec.source) == [], spec.name
 
 
 def test_the_harness_runs_mlx_generated_text():
@@ -261,7 +269,8 @@ def test_search_kernel_equals_the_specification(search_harness, method, bits, gr
 
 @pytest.mark.parametrize("method,what,find,replace", [
     ("mse", "the least-squares lanes summed in another order",
-     "float sqw = (a0 + a2) + (a1 + a3);", "float sqw = (a0 + a1) + (a2 + a3);"),
+     "float sqw = lane_total(lane);", "float sqw = ((lane[0] + lane[1]) + (lane[2] + lane[3]))"
+     " + ((lane[4] + lane[5]) + (lane[6] + lane[7]));"),
     ("mse-zero", "ties (not strict improvements) accepted", "if (err < best_err) {",
      "if (err <= best_err) {"),
     ("mse-zero", "one shrink fraction changed", "{0.0f, 0.05f, 0.12f}", "{0.0f, 0.05f, 0.125f}"),
