@@ -30,8 +30,10 @@ demo: install
 	$(VENV)/bin/mlxedge quantize smollm2 --bits 4 --group-size 64 -o demo-out/SmolLM2-135M-Instruct-4bit-g64 --force
 	$(VENV)/bin/mlxedge inspect demo-out/SmolLM2-135M-Instruct-4bit-g64
 	$(VENV)/bin/mlxedge export gguf smollm2 --type Q4_K_M -o demo-out/SmolLM2-135M-Instruct-Q4_K_M.gguf --ollama --force
+	$(VENV)/bin/mlxedge export coreml demo-out/SmolLM2-135M-Instruct-4bit-g64 --context 1024 \
+		-o demo-out/SmolLM2-135M-Instruct-coreml-4bit --force
 	$(VENV)/bin/mlxedge crosscheck demo-out/SmolLM2-135M-Instruct-4bit-g64 demo-out/SmolLM2-135M-Instruct-Q4_K_M.gguf \
-		--reference smollm2 --windows 2
+		demo-out/SmolLM2-135M-Instruct-coreml-4bit --reference smollm2 --windows 2
 
 # One worker per core (at most 4: each may hold SmolLM2's float32 reference, 0.5 GiB), each held
 # to one thread (tests/conftest.py). Slow tests are deselected here; `make test-slow` (and CI,

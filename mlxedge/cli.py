@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 import sys
 import threading
@@ -119,6 +120,9 @@ def main(verbose: int) -> None:
     logging.basicConfig(
         level=max(level, logging.DEBUG), format="%(levelname)s %(name)s: %(message)s"
     )
+    if verbose < 2:  # libraries' import-time notes: no Core ML runtime off macOS, no PyTorch
+        logging.getLogger("coremltools").setLevel(logging.ERROR)
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 # Options that quantize and export coreml share: one definition each.

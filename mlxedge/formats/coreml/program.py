@@ -9,6 +9,8 @@ Inputs `inputIds` (int32, `(1, 1..N)`) and `causalMask` (float16, `(1, 1, 1..N, 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import contextmanager
+from functools import partial
 
 import numpy as np
 
@@ -101,6 +103,25 @@ def convert_program(program, context: int):
     import coremltools as ct
 
     dims = (1, 1, ct.RangeDim(1, context, default=1), ct.RangeDim(1, context, default=1))
+    with _quiet_passes():
+        return _convert(ct, program, context, dims)
+
+
+@contextmanager
+def _quiet_passes():
+    """coremltools draws a tqdm bar per pass pipeline on stderr, under our own progress display:
+    its pipeline module's `tqdm` is swapped for a silent one while converting."""
+    from coremltools.converters.mil.mil.passes import pass_pipeline
+
+    loud = pass_pipeline.tqdm
+    pass_pipeline.tqdm = partial(loud, disable=True)
+    try:
+        yield
+    finally:
+        pass_pipeline.tqdm = loud
+
+
+def _convert(ct, program, context: int, dims):
     return ct.convert(
         program,
         convert_to="mlprogram",
