@@ -114,6 +114,16 @@ def implementations(model: str, method: str) -> dict:
     if model == "1b":  # numpy's search on 8B weights would take hours: the 1B shape says enough
         out["numpy"] = family("numpy")
     if method == "rtn":
+        def coalesced(w):
+            from mlxedge.quant import metal
+
+            launch = metal.affine_rtn_coalesced_launch(backend._to_mx(w), BITS, GROUP, "bfloat16")
+            out = metal.call(metal.AFFINE_RTN_COALESCED, launch)
+            mx.eval(*out)
+            return np.array(out[0]).reshape(w.shape[0], -1)
+
+        out["metal (coalesced rtn)"] = coalesced
+
         def mlx_gpu(w):
             q, s, b = mx.quantize(backend._to_mx(w), group_size=GROUP, bits=BITS)
             mx.eval(q, s, b)

@@ -13,8 +13,9 @@ template arguments and attributes included). The harness:
 3. runs it on numpy buffers, with outputs poisoned (0xCD bytes) beforehand so an element no
    thread wrote shows.
 
-Kernels here need no SIMD-group or threadgroup operations (each thread owns its outputs); one
-that uses them is refused by name until the harness brings a faithful schedule for them.
+The threads of each threadgroup run as fibers on a fixed schedule (metal_prelude.h), so
+threadgroup memory and barriers behave deterministically and a missing barrier shows; SIMD-group
+operations are refused by name until a kernel needs them.
 """
 
 from __future__ import annotations
@@ -52,8 +53,9 @@ METAL_CHECKS = {
     "function pointers": r"\(\s*\*\s*\w+\s*\)\s*\(",
     "variable-length arrays or alloca": r"\balloca\s*\(",
 }
-# SIMD-group and threadgroup operations (no kernel needs them yet: each thread owns its outputs)
-UNSUPPORTED = r"\bsimd_\w+|\bquad_\w+|\bthreadgroup_barrier|\bsimdgroup_barrier|\bthreadgroup\s+\w+"
+# SIMD-group operations: no kernel needs them yet (threadgroup memory and barriers run on the
+# prelude's fibers)
+UNSUPPORTED = r"\bsimd_\w+|\bquad_\w+|\bsimdgroup_barrier"
 
 
 def _code(text: str) -> str:
@@ -148,7 +150,7 @@ def _driver(i: int, inst: Instance) -> str:
             raise ValueError(f"{inst.spec.name}: the harness has no value for {p.attribute}")
     call = f"{inst.function}{inst.template_args}({', '.join(args)});"
     return f"""
-extern "C" void run_{i}(void** buf, const uint32_t* grid, const uint32_t* group) {{
+extern "C" int run_{i}(void** buf, const uint32_t* grid, const uint32_t* group) {{
     const uint3 G{{grid[0], grid[1], grid[2]}}, TG{{group[0], group[1], group[2]}};
     const uint3 NG{{(G.x + TG.x - 1) / TG.x, (G.y + TG.y - 1) / TG.y, (G.z + TG.z - 1) / TG.z}};
     for (uint32_t gz = 0; gz < NG.z; gz++)
@@ -157,16 +159,19 @@ extern "C" void run_{i}(void** buf, const uint32_t* grid, const uint32_t* group)
         // an edge threadgroup is partial: only the threads inside the grid exist
         const uint3 cur{{metal::min(TG.x, G.x - gx * TG.x), metal::min(TG.y, G.y - gy * TG.y),
                          metal::min(TG.z, G.z - gz * TG.z)}};
-        for (uint32_t lz = 0; lz < cur.z; lz++)
-        for (uint32_t ly = 0; ly < cur.y; ly++)
-        for (uint32_t lx = 0; lx < cur.x; lx++) {{
+        const bool ok = emu::run_threadgroup(cur.x * cur.y * cur.z, [&](int t) {{
+            const uint tiitg = uint(t);
+            const uint lx = tiitg % cur.x, ly = tiitg / cur.x % cur.y, lz = tiitg / (cur.x * cur.y);
             const uint3 tpitg{{lx, ly, lz}};
             const uint3 tpig{{gx * TG.x + lx, gy * TG.y + ly, gz * TG.z + lz}};
-            const uint tiitg = lx + cur.x * (ly + cur.y * lz);
-            (void)tpitg; (void)tiitg;
+            (void)tpitg; (void)tpig;
             {call}
+        }});
+        if (!ok) {{
+            return 1;  // a barrier some threads never reached
         }}
     }}
+    return 0;
 }}
 """
 
@@ -207,7 +212,8 @@ class Harness:
         # MLX clamps the threadgroup to the grid per dimension
         group = (ctypes.c_uint32 * 3)(*(min(t, g) for t, g in zip(launch.threadgroup,
                                                                     launch.grid)))  # fmt: skip
-        getattr(self._lib, f"run_{i}")(buffers, grid, group)
+        if getattr(self._lib, f"run_{i}")(buffers, grid, group) != 0:
+            raise RuntimeError(f"{inst.spec.name}: threads ended while others waited at a barrier")
         return outputs
 
 

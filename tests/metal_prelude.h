@@ -7,14 +7,22 @@
 // contraction off (-ffp-contract=off), correctly rounded division (metal::precise::divide), rint
 // ties to even, float -> half and float -> bfloat16 round to nearest even.
 #pragma once
+#include <ucontext.h>
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
+#include <memory>
+#include <vector>
 
-// Address spaces and the kernel attribute mean nothing on the CPU.
+// Address spaces and the kernel attribute mean nothing on the CPU. Threadgroup memory declared
+// in a kernel body becomes a static of the kernel function: one copy, shared by the threads of
+// the threadgroup, which run one threadgroup at a time.
 #define device
 #define constant
 #define thread
+#define threadgroup static
 
 typedef uint32_t uint;
 typedef uint16_t ushort;
@@ -73,3 +81,103 @@ namespace precise {
 inline float divide(float a, float b) { return a / b; }  // IEEE: correctly rounded
 }  // namespace precise
 }  // namespace metal
+
+// --- Threads of one threadgroup as fibers, on a fixed schedule -------------------------------
+//
+// Each thread runs as a fiber (ucontext) on one OS thread. The scheduler resumes them in index
+// order; a thread runs until it reaches a barrier or ends, so results never depend on timing and
+// a missing barrier shows: thread 0 then reads what threads 1.. have not written yet. A barrier
+// opens when every thread of the threadgroup has reached it; threads that end while others wait
+// at a barrier are reported (undefined behaviour on the GPU).
+namespace emu {
+struct Fiber {
+    ucontext_t context;
+    bool done = false;
+    bool waiting = false;
+};
+
+// Fiber stacks, kept from one threadgroup to the next (allocating and clearing them for each
+// threadgroup cost more than running the kernels).
+inline char* stack(unsigned t, size_t size) {
+    static std::vector<std::unique_ptr<char[]>> stacks;
+    while (stacks.size() <= t) {
+        stacks.emplace_back(new char[size]);
+    }
+    return stacks[t].get();
+}
+
+struct Threadgroup {
+    std::vector<Fiber> fibers;
+    ucontext_t scheduler;
+    int current = -1;
+    std::function<void(int)> body;
+};
+
+constexpr size_t STACK = 1 << 16;  // per thread: our kernels keep at most a few KiB of locals
+
+inline Threadgroup*& active() {
+    static Threadgroup* group = nullptr;
+    return group;
+}
+
+inline void barrier() {
+    Threadgroup* g = active();
+    Fiber& f = g->fibers[g->current];
+    f.waiting = true;
+    swapcontext(&f.context, &g->scheduler);
+}
+
+inline void entry() {
+    Threadgroup* g = active();
+    g->body(g->current);
+    g->fibers[g->current].done = true;  // uc_link returns to the scheduler
+}
+
+// Runs `body(t)` for t in [0, n) as one threadgroup; false when a barrier was left waiting.
+inline bool run_threadgroup(unsigned n, std::function<void(int)> body) {
+    Threadgroup g;
+    g.fibers.resize(n);
+    g.body = std::move(body);
+    active() = &g;
+    for (unsigned t = 0; t < n; t++) {
+        Fiber& f = g.fibers[t];
+        getcontext(&f.context);
+        f.context.uc_stack.ss_sp = stack(t, STACK);
+        f.context.uc_stack.ss_size = STACK;
+        f.context.uc_link = &g.scheduler;
+        makecontext(&f.context, entry, 0);
+    }
+    bool ok = true;
+    for (;;) {
+        for (unsigned t = 0; t < n; t++) {
+            if (!g.fibers[t].done && !g.fibers[t].waiting) {
+                g.current = int(t);
+                swapcontext(&g.scheduler, &g.fibers[t].context);
+            }
+        }
+        unsigned done = 0, waiting = 0;
+        for (const Fiber& f : g.fibers) {
+            done += f.done;
+            waiting += !f.done && f.waiting;
+        }
+        if (done == n) {
+            break;
+        }
+        if (done > 0) {  // some ended while others wait: the barrier can never open
+            ok = false;
+            break;
+        }
+        for (Fiber& f : g.fibers) {
+            f.waiting = false;  // every thread is at the barrier: open it
+        }
+    }
+    active() = nullptr;
+    return ok;
+}
+}  // namespace emu
+
+namespace metal {
+enum class mem_flags { mem_none, mem_device, mem_threadgroup, mem_texture };
+}  // namespace metal
+using metal::mem_flags;
+inline void threadgroup_barrier(mem_flags) { emu::barrier(); }

@@ -19,10 +19,12 @@ from mlxedge.quant.metal import header  # noqa: E402
 from mlxedge.quant.metal import (  # noqa: E402
     AFFINE_DEQUANT,
     AFFINE_RTN,
+    AFFINE_RTN_COALESCED,
     AFFINE_SEARCH,
     GGML_LEGACY,
     GGML_LEGACY_DEQUANT,
     affine_dequant_launch,
+    affine_rtn_coalesced_launch,
     affine_search_launch,
     ggml_legacy_dequant_launch,
     LEGACY_TYPES,
@@ -128,7 +130,8 @@ def test_recursion_is_refused_and_a_plain_helper_is_not():
 
 
 def test_our_kernels_pass_the_metal_checks():
-    for spec in (AFFINE_RTN, AFFINE_SEARCH, GGML_LEGACY, AFFINE_DEQUANT, GGML_LEGACY_DEQUANT):
+    for spec in (AFFINE_RTN, AFFINE_RTN_COALESCED, AFFINE_SEARCH, GGML_LEGACY, AFFINE_DEQUANT,
+                 GGML_LEGACY_DEQUANT):  # fmt: skip
         assert metal_violations(header() + spec.source) == [], spec.name
 
 
@@ -287,4 +290,44 @@ def test_a_broken_search_kernel_is_caught(method, what, find, replace):
     same = (np.array_equal(codes.view(np.uint32), qt.weight.reshape(-1).view(np.uint32))
             and np.array_equal(scales.view(np.uint8), qt.scales.reshape(-1).view(np.uint8))
             and np.array_equal(biases.view(np.uint8), qt.biases.reshape(-1).view(np.uint8)))  # fmt: skip
+    assert not same, what
+
+
+# --- threadgroup memory and barriers: the coalesced rtn kernel ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def coalesced_harness() -> Harness:
+    w = np.zeros((ROWS, COLS), np.float32)
+    return Harness([(AFFINE_RTN_COALESCED, affine_rtn_coalesced_launch(mx.array(w), b, g, d))
+                    for b, g, d in CASES])  # fmt: skip
+
+
+@pytest.mark.parametrize("bits,group_size,dtype", CASES)
+def test_coalesced_rtn_kernel_equals_the_specification(coalesced_harness, bits, group_size, dtype):
+    w = weights(ROWS, COLS, group_size, bits, seed=3)
+    launch = affine_rtn_coalesced_launch(mx.array(w), bits, group_size, dtype)
+    codes, scales, biases = coalesced_harness.run(CASES.index((bits, group_size, dtype)),
+                                                  _inputs(w, group_size, dtype)[:1], launch)  # fmt: skip
+    qt = quantize(w, AffineScheme(bits, group_size), dtype, "rtn")
+    assert np.array_equal(codes.view(np.uint32), qt.weight.reshape(-1).view(np.uint32))
+    for got, want in ((scales, qt.scales), (biases, qt.biases)):
+        assert np.array_equal(got.view(np.uint8), want.reshape(-1).view(np.uint8))
+
+
+@pytest.mark.parametrize("what,nth", [("the barrier before the words are assembled", -1),
+                                      ("the barrier after the partial extremes", 0)])  # fmt: skip
+def test_a_removed_barrier_is_caught(what, nth):
+    barrier = "    threadgroup_barrier(mem_flags::mem_threadgroup);\n"
+    text = AFFINE_RTN_COALESCED.source
+    at = [i for i in range(len(text)) if text.startswith(barrier, i)][nth]
+    broken = KernelSpec(AFFINE_RTN_COALESCED.name, AFFINE_RTN_COALESCED.inputs,
+                        AFFINE_RTN_COALESCED.outputs, text[:at] + text[at + len(barrier):])  # fmt: skip
+    bits, g, dtype = 4, 128, "float16"
+    w = weights(ROWS, COLS, g, bits, seed=4)
+    launch = affine_rtn_coalesced_launch(mx.array(w), bits, g, dtype)
+    codes, scales, _ = Harness([(broken, launch)]).run(0, _inputs(w, g, dtype)[:1])
+    qt = quantize(w, AffineScheme(bits, g), dtype, "rtn")
+    same = (np.array_equal(codes.view(np.uint32), qt.weight.reshape(-1).view(np.uint32))
+            and np.array_equal(scales.view(np.uint16), qt.scales.reshape(-1).view(np.uint16)))  # fmt: skip
     assert not same, what

@@ -39,10 +39,12 @@ class KernelSpec:
 
 AFFINE_RTN = KernelSpec("affine_quantize_rtn", ("w", "n_groups"), ("codes", "scales", "biases"))
 GGML_LEGACY = KernelSpec("ggml_quantize_legacy", ("x", "n_blocks"), ("blocks",))
+AFFINE_RTN_COALESCED = KernelSpec("affine_quantize_rtn_coalesced", ("w",),
+                                  ("codes", "scales", "biases"))  # fmt: skip
 AFFINE_SEARCH = KernelSpec("affine_quantize_search", ("w", "n_groups"), ("codes", "scales", "biases"))
 AFFINE_DEQUANT = KernelSpec("affine_dequantize", ("codes", "scales", "biases", "n_groups"), ("w",))
 GGML_LEGACY_DEQUANT = KernelSpec("ggml_dequantize_legacy", ("blocks", "n_blocks"), ("x",))
-KERNELS = (AFFINE_RTN, AFFINE_SEARCH, GGML_LEGACY, AFFINE_DEQUANT, GGML_LEGACY_DEQUANT)
+KERNELS = (AFFINE_RTN, AFFINE_RTN_COALESCED, AFFINE_SEARCH, GGML_LEGACY, AFFINE_DEQUANT, GGML_LEGACY_DEQUANT)
 METAL_METHODS = ("rtn", "mse", "mse-zero")  # affine methods with a Metal kernel
 _SEARCH_ZERO = {"mse": 0, "mse-zero": 1}
 METAL_GGML_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
@@ -210,3 +212,11 @@ def affine_launch(w, bits: int, group_size: int, dtype: str, method: str) -> tup
     if method == "rtn":
         return AFFINE_RTN, affine_rtn_launch(w, bits, group_size, dtype)
     return AFFINE_SEARCH, affine_search_launch(w, bits, group_size, dtype, method)
+
+
+def affine_rtn_coalesced_launch(w, bits: int, group_size: int, dtype: str) -> Launch:
+    """`affine_rtn_launch` for the coalesced variant: a threadgroup of 32 per group."""
+    rtn = affine_rtn_launch(w, bits, group_size, dtype)
+    groups = rtn.grid[0]
+    return Launch(rtn.inputs[:1], rtn.output_shapes, rtn.output_dtypes, (groups * 32, 1, 1),
+                  (32, 1, 1), rtn.template)  # fmt: skip
