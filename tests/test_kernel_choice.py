@@ -100,6 +100,33 @@ def test_non_finite_weights_are_refused_before_any_kernel_runs(monkeypatch):
         assert err.value.row == 2
 
 
+def test_metal_kernels_that_fail_hand_over_to_native_unless_asked_for(monkeypatch, caplog):
+    """Chosen by default, a Metal kernel that does not build (MLX raises) gives way to the next
+    family with a warning, the same bytes; asked for with --kernels metal, it is an error."""
+    from mlxedge.errors import MlxedgeError
+    from mlxedge.quant import metal
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("program_source:3:5: error: use of undeclared identifier")
+
+    monkeypatch.setattr(backend, "metal_available", lambda: True)
+    monkeypatch.setattr(backend, "_metal_failed", None)
+    monkeypatch.setattr(metal, "call", fails)
+    w = np.random.default_rng(0).standard_normal((8, 128)).astype(np.float32)
+    backend.set_kernels(None)
+    assert backend.kernel_family("rtn") == "metal"
+    got, _ = backend.quantize(w, AffineScheme(4, 64), "float16", "rtn")
+    assert np.array_equal(got.weight, quantize(w, AffineScheme(4, 64), "float16", "rtn").weight)
+    assert "native kernels take over" in caplog.text
+    assert backend.kernel_family("rtn") != "metal"  # for the rest of the process
+    try:
+        backend.set_kernels("metal")
+        with pytest.raises(MlxedgeError, match="Metal kernels failed"):
+            backend.quantize(w, AffineScheme(4, 64), "float16", "rtn")
+    finally:
+        backend.set_kernels(None)
+
+
 @pytest.mark.metal
 @pytest.mark.parametrize("method", ["rtn", "mse", "mse-zero"])
 @pytest.mark.parametrize("bits", SUPPORTED_BITS)

@@ -98,6 +98,7 @@ def native_available() -> bool:
 # The quantizer families `--kernels` chooses from; None: the fastest this machine has.
 KERNELS = ("metal", "native", "numpy")
 _forced: str | None = None
+_metal_failed: str | None = None  # why our Metal kernels did not build or run in this process
 
 
 def set_kernels(name: str | None) -> None:
@@ -140,7 +141,7 @@ def kernel_family(method: str = "rtn", ggml_type: str | None = None) -> str:
         return "metal"
     if _forced is not None:
         return _forced
-    if has_metal and metal_available():
+    if has_metal and _metal_failed is None and metal_available():
         return "metal"
     if native_available():
         return "native"
@@ -240,7 +241,9 @@ def quantize(
     if not finite.all():
         raise NonFiniteWeights(int(np.argmin(finite)))
     if family == "metal" and scheme.fits(w.shape[1]):
-        qt = _metal_quantize(w, scheme, dtype, method)
+        qt = _on_metal(lambda: _metal_quantize(w, scheme, dtype, method))
+        if qt is None:  # the Metal kernels failed: the next family takes over
+            return quantize(w, scheme, dtype, method)
     elif family == "mlx-cpu":
         # On MLX's CPU stream: its Metal kernel rounds half away from zero and seeds its min/max
         # differently (an all-negative group gets another scale), so only the CPU kernel gives
@@ -252,6 +255,22 @@ def quantize(
     else:
         qt = schemes.quantize(w, scheme, dtype, method)
     return qt, sampled_error(qt, w)
+
+
+def _on_metal(run):
+    """`run()` on our Metal kernels. Chosen by default, a kernel that fails to build or run (MLX
+    raises) switches this process to the next family with a warning and returns None; asked for
+    with --kernels metal, the failure is the user's error."""
+    global _metal_failed
+    try:
+        return run()
+    except (RuntimeError, ValueError) as e:
+        if _forced == "metal":
+            raise MlxedgeError(f"the Metal kernels failed: {e}",
+                               fix="use --kernels native (the same bytes)") from None  # fmt: skip
+        _metal_failed = str(e)
+        log.warning("the Metal kernels failed (%s); the native kernels take over", e)
+        return None
 
 
 def _metal_quantize(w: np.ndarray, scheme: AffineScheme, dtype: str,
@@ -309,8 +328,11 @@ def encode_ggml(w: np.ndarray, type_name: str) -> np.ndarray:
         from . import metal
 
         x = np.ascontiguousarray(w, dtype=np.float32)
-        (blocks,) = metal.call(metal.GGML_LEGACY, metal.ggml_legacy_launch(_to_mx(x), type_name))
-        return _to_np(blocks).reshape(x.shape[0], -1)
+        blocks = _on_metal(lambda: metal.call(metal.GGML_LEGACY,
+                                              metal.ggml_legacy_launch(_to_mx(x), type_name)))  # fmt: skip
+        if blocks is not None:
+            return _to_np(blocks[0]).reshape(x.shape[0], -1)
+        family = kernel_family(ggml_type=type_name)
     if family == "numpy":
         t = TYPES[type_name]
         rows, cols = w.shape
