@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from tiny_models import make_tiny_model
+from tiny_models import ARCHS, make_tiny_model
 
 from mlxedge.cli import main
 from mlxedge.errors import MlxedgeError
@@ -48,8 +48,7 @@ def exported(tmp_path_factory) -> tuple[Path, Path]:
     return model, out
 
 
-ARCH_CASES = [("llama", True), ("llama", False), ("mistral", True), ("mistral", False),
-              ("qwen2", True), ("qwen2", False), ("qwen3", True), ("qwen3", False)]  # fmt: skip
+ARCH_CASES = [(arch, tied) for arch in ARCHS for tied in (True, False)]
 
 
 @pytest.mark.parametrize("arch,tied", ARCH_CASES, ids=[f"{a}-{'tied' if t else 'untied'}"

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 from llamacpp_util import logits as llama_cpp_logits
-from tiny_models import edit_weights, make_tiny_model
+from tiny_models import ARCHS, edit_weights, make_tiny_model
 
 from mlxedge.formats.gguf.mixes import MIXES
 from mlxedge.formats.gguf.writer import write_gguf
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.llamacpp
 
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_f32_export_equals_the_reference_in_llama_cpp(tmp_path, arch, tied):
     folder = make_tiny_model(tmp_path / arch, arch, tied=tied, dtype="float32",
                              head_dim=32 if arch == "qwen3" else None)  # fmt: skip
@@ -39,7 +39,7 @@ def _mean_kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
 
 
 @pytest.mark.parametrize("mix", list(MIXES))
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_every_mix_of_every_arch_runs_in_llama_cpp_as_in_the_reference(tmp_path, arch, mix):
     """llama.cpp on the file against the numpy reference on the file's own dequantized weights,
     with the llamacpp backend's tolerances (stated in runtime/llamacpp_runner.py)."""

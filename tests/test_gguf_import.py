@@ -539,7 +539,7 @@ def test_names_and_row_order_map_both_ways(model_type: str) -> None:
     q = by_name["model.layers.0.self_attn.q_proj.weight"]
     rows = np.arange(4 * 16 * 3, dtype=np.float32).reshape(64, 3)  # 4 heads of 16 rows
     assert np.array_equal(q.from_gguf(q.to_gguf(rows)), rows)
-    if model_type in ("llama", "mistral"):  # llama.cpp's "norm" rotary: stored permuted
+    if arch.gguf_permuted_qk:  # llama.cpp's "norm" rotary (llama, mistral, granite): permuted
         assert np.array_equal(q.to_gguf(rows), permute_like_llama_cpp(rows, 4))
         # within a head, HF's halves [0..7 | 8..15] become llama.cpp's pairs (0, 8), (1, 9), ...
         assert q.to_gguf(rows)[:4, 0].tolist() == rows[[0, 8, 1, 9], 0].tolist()

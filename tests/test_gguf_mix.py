@@ -3,7 +3,8 @@
 llama-quantize converts an F32 GGUF we write; every tensor of its output must have the type our
 plan gives the same model. Two small models cover the rules: a tied llama with grouped-query
 attention (n_head / n_head_kv = 4) and rows that divide into 256, and an untied qwen2 whose
-hidden size (320) does not, so its projections take llama.cpp's fall-back types.
+hidden size (320) does not, so its projections take llama.cpp's fall-back types; and a granite
+(llama.cpp's own architecture, with the same per-tensor rules).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ MODELS = {
     "llama-gqa4-tied": dict(arch="llama", hidden=256, heads=8, kv_heads=2, intermediate=512),
     "qwen2-320-untied": dict(arch="qwen2", hidden=320, heads=5, kv_heads=5, intermediate=768,
                              tied=False),
+    "granite-gqa2-tied": dict(arch="granite", hidden=256, heads=4, kv_heads=2, intermediate=512),
 }  # fmt: skip
 
 

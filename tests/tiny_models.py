@@ -23,7 +23,7 @@ import mlx.core as mx
 import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
-ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "granite")
 DTYPES = ("bfloat16", "float16", "float32")
 
 # Written into every JSON file instead of the installed version so that the bytes do not depend on
@@ -68,6 +68,7 @@ _ARCHITECTURES = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "granite": "GraniteForCausalLM",
 }
 
 
@@ -237,8 +238,8 @@ def hf_config(
         if hidden % heads:
             raise ValueError(f"hidden {hidden} is not a multiple of heads {heads}")
         head_dim = hidden // heads
-    elif arch == "qwen2" and head_dim * heads != hidden:
-        raise ValueError("qwen2 derives head_dim as hidden // heads; it cannot be set")
+    elif arch in ("qwen2", "granite") and head_dim * heads != hidden:
+        raise ValueError(f"{arch} derives head_dim as hidden // heads; it cannot be set")
 
     config: dict[str, Any] = {
         "architectures": [_ARCHITECTURES[arch]],
@@ -269,6 +270,19 @@ def hf_config(
             "rms_norm_eps": 1e-05,
             "rope_scaling": None,
             "rope_theta": 500000.0,
+        }
+    elif arch == "granite":
+        # granite-3.x-style multipliers, away from 1 so that each one shows
+        config |= {
+            "attention_bias": False,
+            "attention_multiplier": 0.0078125,
+            "embedding_multiplier": 12.0,
+            "logits_scaling": 8.0,
+            "mlp_bias": False,
+            "residual_multiplier": 0.22,
+            "rms_norm_eps": 1e-05,
+            "rope_scaling": None,
+            "rope_theta": 10000000.0,
         }
     elif arch == "mistral":
         config |= {

@@ -9,6 +9,7 @@ against `archs.ops.Ops`. Nothing outside this package branches on a model type.
 from __future__ import annotations
 
 from ..errors import MlxedgeError
+from .granite import Granite
 from .llama import Llama
 from .mistral import Mistral
 from .ops import Ops
@@ -19,11 +20,11 @@ from .spec import Kind, ModelSpec, Role, TensorEntry
 Architecture = Llama  # every architecture module's class refines the llama decoder
 
 ARCHITECTURES: dict[str, type[Architecture]] = {
-    cls.model_type: cls for cls in (Llama, Mistral, Qwen2, Qwen3)
+    cls.model_type: cls for cls in (Llama, Mistral, Qwen2, Qwen3, Granite)
 }
 # A GGUF file's `general.architecture` -> the class it imports as (a Mistral file says "llama").
 GGUF_ARCHITECTURES: dict[str, type[Architecture]] = {
-    cls.gguf_arch_name_of(): cls for cls in (Llama, Qwen2, Qwen3)
+    cls.gguf_arch_name_of(): cls for cls in (Llama, Qwen2, Qwen3, Granite)
 }
 
 

@@ -277,7 +277,14 @@ class Llama:
         return self.head(ops, x, first)
 
     def embed(self, ops: Ops, ids: Value) -> Value:
-        return ops.embedding("model.embed_tokens.weight", ids)
+        x = ops.embedding("model.embed_tokens.weight", ids)
+        m = self.spec.embedding_multiplier
+        return x if m == 1.0 else ops.scale(x, m)
+
+    def residual(self, ops: Ops, x: Value, branch: Value) -> Value:
+        """x + branch, the branch scaled by the residual multiplier where there is one."""
+        m = self.spec.residual_multiplier
+        return ops.add(x, branch if m == 1.0 else ops.scale(branch, m))
 
     def context(self, ops: Ops, positions: Value) -> dict:
         """What every block needs from the positions: rotary tables and one mask per window."""
@@ -303,15 +310,19 @@ class Llama:
         q, k = ops.rope(q, context["rope"]), ops.rope(k, context["rope"])
         mask = context["masks"][s.windows[i]]
         attended = ops.attention(i, q, k, v, mask, s.attention_scale)  # (heads, tokens, dim)
-        x = ops.add(x, ops.linear(ops.merge_heads(attended), p + "self_attn.o_proj", s.o_bias))
+        x = self.residual(ops, x, ops.linear(ops.merge_heads(attended), p + "self_attn.o_proj",
+                                             s.o_bias))  # fmt: skip
         h = ops.rms_norm(x, p + "post_attention_layernorm.weight", s.rms_norm_eps)
         gate = ops.linear(h, p + "mlp.gate_proj", s.mlp_bias)
         up = ops.linear(h, p + "mlp.up_proj", s.mlp_bias)
-        return ops.add(x, ops.linear(ops.mul(ops.silu(gate), up), p + "mlp.down_proj", s.mlp_bias))
+        return self.residual(ops, x, ops.linear(ops.mul(ops.silu(gate), up), p + "mlp.down_proj",
+                                                s.mlp_bias))  # fmt: skip
 
     def head(self, ops: Ops, x: Value, first: int = 0) -> Value:
         x = ops.rms_norm(ops.tail(x, first), "model.norm.weight", self.spec.rms_norm_eps)
-        return ops.linear(x, "model.embed_tokens" if self.spec.tied else "lm_head")
+        logits = ops.linear(x, "model.embed_tokens" if self.spec.tied else "lm_head")
+        ls = self.spec.logits_scaling
+        return logits if ls == 1.0 else ops.scale(logits, 1.0 / ls)
 
     # ------------------------------------------------------------------------ configs written
 

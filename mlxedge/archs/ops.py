@@ -69,6 +69,10 @@ class Ops(Protocol):
 
     def mul(self, a: Value, b: Value) -> Value: ...
 
+    def scale(self, x: Value, factor: float) -> Value:
+        """x times a constant (float32)."""
+        ...
+
     def add(self, a: Value, b: Value) -> Value: ...
 
     def tail(self, x: Value, first: int) -> Value:

@@ -122,6 +122,10 @@ class ModelSpec:
         qkv_bias, o_bias, mlp_bias: which projections carry biases.
         qk_norm: per-head RMSNorms on queries and keys (Qwen3).
         activation: the MLP's gate activation ("silu").
+        embedding_multiplier, residual_multiplier: scale the embeddings and each residual branch
+            (Granite; 1 elsewhere).
+        attention_multiplier: the attention's scale in place of 1/sqrt(head_dim) (Granite).
+        logits_scaling: the logits are divided by it (Granite).
     """
 
     model_type: str
@@ -143,6 +147,10 @@ class ModelSpec:
     mlp_bias: bool = False
     qk_norm: bool = False
     activation: str = "silu"
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    attention_multiplier: float | None = None
+    logits_scaling: float = 1.0
 
     def inv_freq(self) -> np.ndarray:
         """The rotary embedding's inverse frequencies (head_dim / 2,), float32, scaling applied."""
@@ -150,6 +158,8 @@ class ModelSpec:
 
     @property
     def attention_scale(self) -> float:
+        if self.attention_multiplier is not None:
+            return self.attention_multiplier
         return 1.0 / math.sqrt(self.head_dim)
 
 

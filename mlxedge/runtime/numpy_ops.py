@@ -78,6 +78,9 @@ class NumpyOps:
     def mul(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return a * b
 
+    def scale(self, x: np.ndarray, factor: float) -> np.ndarray:
+        return x * np.float32(factor)
+
     def add(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return a + b
 

@@ -182,6 +182,9 @@ class MILOps:
     def mul(self, a, b):
         return self.mb.mul(x=a, y=b)
 
+    def scale(self, x, factor: float):
+        return self.mb.mul(x=x, y=np.float32(factor))
+
     def add(self, a, b):
         return self.mb.add(x=a, y=b)
 
