@@ -23,7 +23,7 @@ import mlx.core as mx
 import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
-ARCHS = ("llama", "mistral", "qwen2", "qwen3", "granite")
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "granite", "olmo2")
 DTYPES = ("bfloat16", "float16", "float32")
 
 # Written into every JSON file instead of the installed version so that the bytes do not depend on
@@ -69,6 +69,7 @@ _ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "granite": "GraniteForCausalLM",
+    "olmo2": "Olmo2ForCausalLM",
 }
 
 
@@ -238,7 +239,7 @@ def hf_config(
         if hidden % heads:
             raise ValueError(f"hidden {hidden} is not a multiple of heads {heads}")
         head_dim = hidden // heads
-    elif arch in ("qwen2", "granite") and head_dim * heads != hidden:
+    elif arch in ("qwen2", "granite", "olmo2") and head_dim * heads != hidden:
         raise ValueError(f"{arch} derives head_dim as hidden // heads; it cannot be set")
 
     config: dict[str, Any] = {
@@ -283,6 +284,13 @@ def hf_config(
             "rms_norm_eps": 1e-05,
             "rope_scaling": None,
             "rope_theta": 10000000.0,
+        }
+    elif arch == "olmo2":
+        config |= {
+            "attention_bias": False,
+            "rms_norm_eps": 1e-06,
+            "rope_scaling": None,
+            "rope_theta": 500000.0,
         }
     elif arch == "mistral":
         config |= {

@@ -12,6 +12,7 @@ from ..errors import MlxedgeError
 from .granite import Granite
 from .llama import Llama
 from .mistral import Mistral
+from .olmo2 import Olmo2
 from .ops import Ops
 from .qwen2 import Qwen2
 from .qwen3 import Qwen3
@@ -20,11 +21,11 @@ from .spec import Kind, ModelSpec, Role, TensorEntry
 Architecture = Llama  # every architecture module's class refines the llama decoder
 
 ARCHITECTURES: dict[str, type[Architecture]] = {
-    cls.model_type: cls for cls in (Llama, Mistral, Qwen2, Qwen3, Granite)
+    cls.model_type: cls for cls in (Llama, Mistral, Qwen2, Qwen3, Granite, Olmo2)
 }
 # A GGUF file's `general.architecture` -> the class it imports as (a Mistral file says "llama").
 GGUF_ARCHITECTURES: dict[str, type[Architecture]] = {
-    cls.gguf_arch_name_of(): cls for cls in (Llama, Qwen2, Qwen3, Granite)
+    cls.gguf_arch_name_of(): cls for cls in (Llama, Qwen2, Qwen3, Granite, Olmo2)
 }
 
 

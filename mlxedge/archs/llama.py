@@ -145,6 +145,9 @@ class Llama:
         attention = self._bool("attention_bias")
         return attention, attention, self._bool("mlp_bias")
 
+    # A norm before attention (input_layernorm); OLMo 2 normalizes the outputs instead.
+    _pre_norms: ClassVar[bool] = True
+
     def _qk_norm(self) -> bool:
         return False
 
@@ -223,7 +226,8 @@ class Llama:
         yield entry("model.embed_tokens.weight", (s.vocab_size, d), Role.EMBEDDING)
         for i in range(s.n_layers):
             p = f"model.layers.{i}."
-            yield entry(p + "input_layernorm.weight", (d,), Role.NORM, i)
+            if self._pre_norms:
+                yield entry(p + "input_layernorm.weight", (d,), Role.NORM, i)
             for x, rows in (("q", q_rows), ("k", kv_rows), ("v", kv_rows)):
                 yield entry(p + f"self_attn.{x}_proj.weight", (rows, d), Role.LINEAR, i)
             if s.qkv_bias:
