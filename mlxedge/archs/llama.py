@@ -365,6 +365,20 @@ class Llama:
             )
         raise MlxedgeError(f"tensor {gguf_name} has no Hugging Face equivalent here", path=path)
 
+    # llama.cpp's loader for this architecture falls back to the embedding when output.weight is
+    # missing (a tied model); where it does not, the writer stores the embedding again as the head.
+    gguf_tied_fallback: ClassVar[bool] = True
+
+    def gguf_head_copy(self) -> TensorEntry | None:
+        """The entry of an output.weight a GGUF file must carry although the model is tied (the
+        embedding written again, as llama.cpp's converter does for such architectures), or None."""
+        if not self.spec.tied or self.gguf_tied_fallback:
+            return None
+        kind, gguf_name = _name_map(self.gguf_arch, self.spec.n_layers).get_type_and_name(
+            "lm_head.weight", try_suffixes=(".weight",))  # fmt: skip
+        return TensorEntry("lm_head.weight", (self.spec.vocab_size, self.spec.hidden_size), kind,
+                           Role.HEAD, None, gguf_name)  # fmt: skip
+
     def llama_cpp_is_70b(self) -> bool:
         """llama.cpp's LLM_TYPE_70B (which some mixes give more bits): 80 layers with grouped KV
         heads (80 without them is its 65B)."""

@@ -23,6 +23,7 @@ class Olmo2(Llama):
     gguf_permuted_qk = False
     defaults = Llama.defaults | {"rope_theta": 10000.0, "rms_norm_eps": 1e-5}
     _pre_norms = False
+    gguf_tied_fallback = False  # llama.cpp's olmo2 requires output.weight
 
     def _entries(self):
         s = self.spec

@@ -13,6 +13,8 @@ a warning that says so.
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -83,6 +85,14 @@ def plan_tensors(model: Model, mix: Mix | None, pure: bool = False):
             plan.requantized_from = scheme.bits
             requantized[scheme.bits] = requantized.get(scheme.bits, 0) + 1
         plan.nbytes = stored_bytes(plan.shape, plan.ggml_type)
+        plans.append(plan)
+    head = arch.gguf_head_copy()
+    if head is not None:  # llama.cpp's loader for this architecture needs output.weight
+        embedding = next(p for p in plans if p.source == "model.embed_tokens.weight")
+        plan = dataclasses.replace(embedding, name=head.gguf_name, entry=head)
+        if mix is not None:
+            plan.ggml_type = tensor_type(mix, head, plan.shape, shape, pure)
+            plan.nbytes = stored_bytes(plan.shape, plan.ggml_type)
         plans.append(plan)
     for name, values in arch.gguf_computed_tensors():
         plans.append(TensorPlan(None, name, values.shape, ggml_type="F32", nbytes=values.nbytes))
