@@ -70,7 +70,10 @@ def test_tensor_names_follow_hugging_face(tiny_folders, arch: str, tied: bool) -
     assert {dt for _, dt in stored.values()} == {"BF16"}
     assert ("lm_head.weight" in stored) is not tied
     assert ("model.layers.1.self_attn.q_proj.bias" in stored) is (arch == "qwen2")
-    assert ("model.layers.1.self_attn.k_norm.weight" in stored) is (arch == "qwen3")
+    assert ("model.layers.1.self_attn.k_norm.weight" in stored) is (arch in ("qwen3", "olmo2"))
+    # OLMo 2 normalizes outputs, not inputs (Hugging Face's Olmo2DecoderLayer)
+    assert ("model.layers.1.input_layernorm.weight" in stored) is (arch != "olmo2")
+    assert ("model.layers.1.post_feedforward_layernorm.weight" in stored) is (arch == "olmo2")
 
 
 @pytest.mark.parametrize("arch,tied", CASES)
