@@ -4,7 +4,7 @@ llama-quantize converts an F32 GGUF we write; every tensor of its output must ha
 plan gives the same model. Two small models cover the rules: a tied llama with grouped-query
 attention (n_head / n_head_kv = 4) and rows that divide into 256, and an untied qwen2 whose
 hidden size (320) does not, so its projections take llama.cpp's fall-back types; and a granite
-(llama.cpp's own architecture, with the same per-tensor rules).
+(llama.cpp's own architecture, with the same per-tensor rules), and an untied olmo2.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ MODELS = {
     "qwen2-320-untied": dict(arch="qwen2", hidden=320, heads=5, kv_heads=5, intermediate=768,
                              tied=False),
     "granite-gqa2-tied": dict(arch="granite", hidden=256, heads=4, kv_heads=2, intermediate=512),
+    "olmo2-untied": dict(arch="olmo2", hidden=256, heads=4, kv_heads=4, intermediate=512,
+                         tied=False),
 }  # fmt: skip
 
 
