@@ -9,12 +9,11 @@ by `attention_multiplier` in place of 1/sqrt(head_dim), and the logits divided b
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import gguf
 
 from ..errors import MlxedgeError
-from .llama import _GGUF_FIX, Llama, _decimal
+from .llama import _GGUF_FIX, Llama, gguf_positive_number
 from .spec import ModelSpec
 
 # config key -> the gguf-py key template that carries it
@@ -61,11 +60,7 @@ class Granite(Llama):
         arch = cls.gguf_arch_name_of()
         for name, template in _MULTIPLIERS.items():
             key = template.format(arch=arch)
-            value: Any = meta.get(key)
-            if value is None:
+            if meta.get(key) is None:
                 raise MlxedgeError(f"missing metadata key {key}", path=path, fix=_GGUF_FIX)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise MlxedgeError(f"metadata key {key} is {value!r:.40}, not a positive number",
-                                   path=path, fix=_GGUF_FIX)  # fmt: skip
-            config[name] = _decimal(value)  # float32 in the file: its shortest decimal
+            config[name] = gguf_positive_number(key, meta[key], path)  # float32: its decimal
         return config

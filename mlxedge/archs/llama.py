@@ -207,21 +207,24 @@ class Llama:
             self._by_gguf = {e.gguf_name: e for e in self._table}
         return self._table
 
+    def _entry(self, name: str, shape, role: Role, layer: int | None = None) -> TensorEntry:
+        """One row of the tensor table: its GGUF name and kind from gguf-py's name map."""
+        s = self.spec
+        found = _name_map(self.gguf_arch, s.n_layers).get_type_and_name(
+            name, try_suffixes=(".weight", ".bias"))  # fmt: skip
+        if found is None:  # pragma: no cover - a table error, caught by the tests
+            raise AssertionError(f"gguf-py has no {self.gguf_arch.name} name for {name}")
+        kind, gguf_name = found
+        heads = None
+        if self.gguf_permuted_qk and kind in (Kind.ATTN_Q, Kind.ATTN_K):
+            heads = s.n_heads if kind == Kind.ATTN_Q else s.n_kv_heads
+        return TensorEntry(name, tuple(shape), kind, role, layer, gguf_name, heads)
+
     def _entries(self):
         s = self.spec
-        names = _name_map(self.gguf_arch, s.n_layers)
+        entry = self._entry
         d, ff, hd = s.hidden_size, s.intermediate_size, s.head_dim
         q_rows, kv_rows = s.n_heads * hd, s.n_kv_heads * hd
-
-        def entry(name: str, shape, role: Role, layer: int | None = None) -> TensorEntry:
-            found = names.get_type_and_name(name, try_suffixes=(".weight", ".bias"))
-            if found is None:  # pragma: no cover - a table error, caught by the tests
-                raise AssertionError(f"gguf-py has no {self.gguf_arch.name} name for {name}")
-            kind, gguf_name = found
-            heads = None
-            if self.gguf_permuted_qk and kind in (Kind.ATTN_Q, Kind.ATTN_K):
-                heads = s.n_heads if kind == Kind.ATTN_Q else s.n_kv_heads
-            return TensorEntry(name, tuple(shape), kind, role, layer, gguf_name, heads)
 
         yield entry("model.embed_tokens.weight", (s.vocab_size, d), Role.EMBEDDING)
         for i in range(s.n_layers):
@@ -374,10 +377,8 @@ class Llama:
         embedding written again, as llama.cpp's converter does for such architectures), or None."""
         if not self.spec.tied or self.gguf_tied_fallback:
             return None
-        kind, gguf_name = _name_map(self.gguf_arch, self.spec.n_layers).get_type_and_name(
-            "lm_head.weight", try_suffixes=(".weight",))  # fmt: skip
-        return TensorEntry("lm_head.weight", (self.spec.vocab_size, self.spec.hidden_size), kind,
-                           Role.HEAD, None, gguf_name)  # fmt: skip
+        return self._entry("lm_head.weight", (self.spec.vocab_size, self.spec.hidden_size),
+                           Role.HEAD)  # fmt: skip
 
     def llama_cpp_is_70b(self) -> bool:
         """llama.cpp's LLM_TYPE_70B (which some mixes give more bits): 80 layers with grouped KV
@@ -498,13 +499,7 @@ def _config_from_gguf(cls, meta: dict, shapes: dict, path) -> dict:
         return int(value)
 
     def number(name: str, value: Any) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
-            raise MlxedgeError(f"metadata key {name} is {value!r:.40}, not a number", path=path,
-                               fix=_GGUF_FIX)  # fmt: skip
-        if not math.isfinite(float(value)) or value <= 0:
-            raise MlxedgeError(f"metadata key {name} is {value}, not a positive finite number",
-                               path=path, fix=_GGUF_FIX)  # fmt: skip
-        return _decimal(value)
+        return gguf_positive_number(name, value, path)
 
     def per_layer(value: Any, name: str) -> int:
         if isinstance(value, list):  # head counts may be stored per layer
@@ -582,6 +577,21 @@ def _config_from_gguf(cls, meta: dict, shapes: dict, path) -> dict:
         if (tid := meta.get(meta_key)) is not None:
             config[f"{role}_token_id"] = whole(meta_key, tid) if tid else 0
     return config
+
+
+def gguf_positive_number(name: str, value: Any, path) -> float:
+    """A GGUF metadata value that must be a positive finite number, as its shortest decimal.
+
+    Raises:
+        MlxedgeError: it is not (the key and the file named).
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+        raise MlxedgeError(f"metadata key {name} is {value!r:.40}, not a number", path=path,
+                           fix=_GGUF_FIX)  # fmt: skip
+    if not math.isfinite(float(value)) or value <= 0:
+        raise MlxedgeError(f"metadata key {name} is {value}, not a positive finite number",
+                           path=path, fix=_GGUF_FIX)  # fmt: skip
+    return _decimal(value)
 
 
 def _decimal(value: Any) -> float:

@@ -32,20 +32,11 @@ class Olmo2(Llama):
             yield e
             p = f"model.layers.{e.layer}."
             if e.name == p + "self_attn.v_proj.weight":
-                yield from self._extra(p, (("self_attn.q_norm.weight", q_rows),
-                                           ("self_attn.k_norm.weight", kv_rows)), e.layer)  # fmt: skip
+                yield self._entry(p + "self_attn.q_norm.weight", (q_rows,), Role.NORM, e.layer)
+                yield self._entry(p + "self_attn.k_norm.weight", (kv_rows,), Role.NORM, e.layer)
             if e.name == p + "mlp.down_proj.weight":
-                yield from self._extra(p, (("post_feedforward_layernorm.weight", s.hidden_size),),
-                                       e.layer)  # fmt: skip
-
-    def _extra(self, prefix: str, names, layer: int):
-        from .llama import _name_map
-        from .spec import TensorEntry
-
-        table = _name_map(self.gguf_arch, self.spec.n_layers)
-        for name, size in names:
-            kind, gguf_name = table.get_type_and_name(prefix + name, try_suffixes=(".weight",))
-            yield TensorEntry(prefix + name, (size,), kind, Role.NORM, layer, gguf_name)
+                yield self._entry(p + "post_feedforward_layernorm.weight", (s.hidden_size,),
+                                  Role.NORM, e.layer)  # fmt: skip
 
     def block(self, ops: Ops, i: int, x: Value, context: dict) -> Value:
         s, p = self.spec, f"model.layers.{i}."
