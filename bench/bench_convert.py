@@ -394,13 +394,15 @@ def _display_argv(case: Case) -> list[str]:
     return [short_arg(a) for a in case.argv]
 
 
-def write_results(section: str, path: Path = RESULTS_MD) -> None:
-    """Replace the text between the markers in ``path``, keeping everything else."""
-    block = f"{START_MARKER}\n{section}\n{END_MARKER}"
+def write_results(section: str, path: Path = RESULTS_MD, markers=(START_MARKER, END_MARKER)):
+    """Replace the text between `markers` in ``path`` (appended when absent), keeping everything
+    else; the other benchmarks write their own sections with their own markers."""
+    start_marker, end_marker = markers
+    block = f"{start_marker}\n{section}\n{end_marker}"
     text = path.read_text() if path.exists() else "# mlxedge benchmark results\n"
-    start, end = text.find(START_MARKER), text.find(END_MARKER)
+    start, end = text.find(start_marker), text.find(end_marker)
     if start != -1 and end > start:
-        text = text[:start] + block + text[end + len(END_MARKER) :]
+        text = text[:start] + block + text[end + len(end_marker) :]
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     path.write_text(text)

@@ -40,7 +40,6 @@ from types import SimpleNamespace
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_convert import (  # noqa: E402 - the bench folder is not a package
     REPO_DIR,
-    RESULTS_MD,
     WORK_DIR,
     _csv,
     cli_unavailable,
@@ -50,6 +49,7 @@ from bench_convert import (  # noqa: E402 - the bench folder is not a package
     prepare_smollm2,
     run_measured,
     short_arg,
+    write_results,
 )
 
 START_MARKER, END_MARKER = "<!-- coreml-bench:start -->", "<!-- coreml-bench:end -->"
@@ -232,17 +232,6 @@ def report(cases: list[Case], args) -> str:
     ])  # fmt: skip
 
 
-def write_results(section: str, path: Path = RESULTS_MD) -> None:
-    block = f"{START_MARKER}\n{section}\n{END_MARKER}"
-    text = path.read_text()
-    start, end = text.find(START_MARKER), text.find(END_MARKER)
-    if start != -1 and end > start:
-        text = text[:start] + block + text[end + len(END_MARKER) :]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", type=_csv(MODELS), default=list(MODELS))
@@ -278,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     section = report(cases, args)
     print(section)
     if not args.no_write:
-        write_results(section)
+        write_results(section, markers=(START_MARKER, END_MARKER))
     print(json.dumps([{k: v for k, v in vars(c).items() if k not in ("argv", "out")}
                       for c in cases]))  # fmt: skip
     return 0

@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_convert import RESULTS_MD  # noqa: E402
+from bench_convert import write_results  # noqa: E402
 
 START, END = "<!-- metal-bench:start -->", "<!-- metal-bench:end -->"
 BITS, GROUP = 4, 64
@@ -185,17 +185,6 @@ def render(rows: list[dict], bandwidth: float | None, disk: float, argv: list[st
     return "\n".join(lines)
 
 
-def write_results(section: str) -> None:
-    text = RESULTS_MD.read_text()
-    block = f"{START}\n{section}\n{END}"
-    a, b = text.find(START), text.find(END)
-    if a != -1 and b > a:
-        text = text[:a] + block + text[b + len(END) :]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    RESULTS_MD.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -216,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             rows += measure(model, method, args.repeats)
     section = render(rows, bandwidth, args.disk, argv)
     print(section)
-    write_results(section)
+    write_results(section, markers=(START, END))
     return 0
 
 

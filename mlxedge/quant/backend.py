@@ -321,7 +321,7 @@ def encode_ggml(w: np.ndarray, type_name: str) -> np.ndarray:
         import gguf
 
         return gguf.quants.quantize(w, gguf.GGMLQuantizationType.BF16).view(np.uint8)
-    from .ggml import TYPES, quantize_rows  # imported on first use: MLX folders never need it
+    from .ggml import quantize_rows  # imported on first use: MLX folders never need it
 
     family = kernel_family(ggml_type=type_name)
     if family == "metal":
@@ -333,12 +333,7 @@ def encode_ggml(w: np.ndarray, type_name: str) -> np.ndarray:
         if blocks is not None:
             return _to_np(blocks[0]).reshape(x.shape[0], -1)
         family = kernel_family(ggml_type=type_name)
-    if family == "numpy":
-        t = TYPES[type_name]
-        rows, cols = w.shape
-        blocks = t.quantize(np.asarray(w, dtype=np.float32).reshape(-1, t.block_size))
-        return blocks.reshape(rows, cols // t.block_size * t.type_size)
-    return quantize_rows(w, type_name)
+    return quantize_rows(w, type_name, native=family != "numpy")
 
 
 def repack_mlx(qt: QuantizedTensor):

@@ -619,13 +619,14 @@ def _native_rows(x: np.ndarray, t: BlockType) -> np.ndarray:
     return out
 
 
-def quantize_rows(x: np.ndarray, type_name: str) -> np.ndarray:
-    """A 2-D float tensor (rows, cols) as the bytes a GGUF stores: uint8 (rows, cols/bs*size)."""
+def quantize_rows(x: np.ndarray, type_name: str, native: bool = True) -> np.ndarray:
+    """A 2-D float tensor (rows, cols) as the bytes a GGUF stores: uint8 (rows, cols/bs*size);
+    `native=False` runs the numpy specification even where the native kernel is built."""
     t = TYPES[type_name]
     rows, cols = x.shape
     if cols % t.block_size:
         raise ValueError(f"{type_name} needs rows in multiples of {t.block_size}, not {cols}")
-    if native_available():
+    if native and native_available():
         return _native_rows(x, t)
     blocks = t.quantize(np.asarray(x, dtype=np.float32).reshape(-1, t.block_size))
     return blocks.reshape(rows, cols // t.block_size * t.type_size)

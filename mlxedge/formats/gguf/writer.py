@@ -14,7 +14,6 @@ a warning that says so.
 from __future__ import annotations
 
 import dataclasses
-
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -27,7 +26,14 @@ from mlxedge.archs import Architecture
 from mlxedge.archs.spec import Role
 from mlxedge.atomic import TEXT_MARK, atomic_set, mark_gguf
 from mlxedge.errors import MlxedgeError
-from mlxedge.formats.gguf.mixes import MIXES, Mix, ModelShape, mix_named, tensor_type
+from mlxedge.formats.gguf.mixes import (
+    FLOAT_TYPES,
+    MIXES,
+    Mix,
+    ModelShape,
+    mix_named,
+    tensor_type,
+)
 from mlxedge.formats.gguf.ollama import modelfile_path, modelfile_text
 from mlxedge.formats.gguf.tokenizer_export import add_tokenizer
 from mlxedge.model import Model
@@ -276,8 +282,8 @@ def _log_kernels(plans) -> None:
     """Which implementation quantizes each block type (-v)."""
     from ...quant import backend
 
-    blocks = sorted({p.ggml_type for p in plans if p.ggml_type and p.ggml_type[0] in "QI"
-                     and not p.repack})  # fmt: skip
+    blocks = sorted({p.ggml_type for p in plans
+                     if p.ggml_type not in FLOAT_TYPES and not p.repack})  # fmt: skip
     for t in blocks:
         log.info("%s blocks quantized by the %s kernels", t, backend.kernel_family(ggml_type=t))
 
