@@ -39,7 +39,6 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_convert import (  # noqa: E402 - the bench folder is not a package
-    REPO_DIR,
     WORK_DIR,
     _csv,
     cli_unavailable,
@@ -165,8 +164,11 @@ def measure_quality(cases: list[Case], original: Path, windows: int) -> None:
             continue
         # Not `resolve`: coremltools renames the constants it quantizes, so only the program is
         # opened, which is all the backend runs.
-        package = SimpleNamespace(kind="coreml", name=case.tool,
-                                  weights=SimpleNamespace(program=Program(package_of(case.out))))
+        package = SimpleNamespace(
+            kind="coreml",
+            name=case.tool,
+            weights=SimpleNamespace(program=Program(package_of(case.out))),
+        )
         stats = score(CoreMLInterpBackend(package), protocol, against).summary()
         case.kl, case.tokens = stats["kl_mean"], stats["tokens"]
         print(f"    {case.tool}: KL {case.kl:.4f} over {case.tokens} tokens", flush=True)
@@ -236,8 +238,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", type=_csv(MODELS), default=list(MODELS))
     parser.add_argument("--runs", type=int, default=1)
-    parser.add_argument("--methods", type=_csv(METHODS), default=["mse-zero", "mse"],
-                        help="mlxedge's quantization methods to measure (first: the default)")
+    parser.add_argument(
+        "--methods",
+        type=_csv(METHODS),
+        default=["mse-zero", "mse"],
+        help="mlxedge's quantization methods to measure (first: the default)",
+    )
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--windows", type=int, default=2, help="KL windows (SmolLM2); 0: none")
     parser.add_argument("--no-write", action="store_true", help="print, leave RESULTS.md alone")

@@ -48,12 +48,13 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
+import coremltools as ct
 import numpy as np
 import torch
-import coremltools as ct
 import transformers
 from transformers import LlamaForCausalLM
 from transformers.cache_utils import Cache
@@ -97,8 +98,10 @@ class StatefulLlama(torch.nn.Module):
         super().__init__()
         self.model = model
         config = model.config
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.kv_cache_shape = (config.num_hidden_layers, 1, config.num_key_value_heads, context, head_dim)
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        self.kv_cache_shape = (config.num_hidden_layers, 1, config.num_key_value_heads, context,
+                               head_dim)  # fmt: skip
         self.kv_cache = SliceUpdateKeyValueCache(self.kv_cache_shape)
         self.register_buffer("keyCache", self.kv_cache.k)
         self.register_buffer("valueCache", self.kv_cache.v)
@@ -112,9 +115,9 @@ class StatefulLlama(torch.nn.Module):
         return out.logits
 
 
-def timed(phases: dict[str, float], name: str, fn: Callable[[], T]) -> T:
+def timed(phases: dict[str, float], name: str, fn: Callable[..., T], *args) -> T:
     start = time.perf_counter()
-    result = fn()
+    result = fn(*args)
     phases[name] = round(time.perf_counter() - start, 3)
     return result
 
@@ -132,7 +135,8 @@ def trace(model: StatefulLlama) -> torch.jit.ScriptModule:
     return torch.jit.trace(model, [input_ids, causal_mask])
 
 
-def convert(traced: torch.jit.ScriptModule, shape: tuple[int, ...], context: int) -> ct.models.MLModel:
+def convert(traced: torch.jit.ScriptModule, shape: tuple[int, ...],
+            context: int) -> ct.models.MLModel:  # fmt: skip
     query = ct.RangeDim(lower_bound=1, upper_bound=context, default=1)
     end = ct.RangeDim(lower_bound=1, upper_bound=context, default=1)
     cache = ct.TensorType(shape=shape, dtype=np.float16)
@@ -192,14 +196,14 @@ def versions() -> dict[str, str]:
 def run(folder: Path, out: Path, context: int) -> dict[str, Any]:
     phases: dict[str, float] = {}
     start = time.perf_counter()
-    model = timed(phases, "load", lambda: load(folder, context))
+    model = timed(phases, "load", load, folder, context)
     shape = model.kv_cache_shape
-    traced = timed(phases, "trace", lambda: trace(model))
-    del model
-    mlmodel = timed(phases, "convert", lambda: convert(traced, shape, context))
+    traced = timed(phases, "trace", trace, model)
+    del model  # the float model is not needed past the trace: its memory goes back
+    mlmodel = timed(phases, "convert", convert, traced, shape, context)
     del traced
-    mlmodel = timed(phases, "quantize", lambda: quantize(mlmodel))
-    timed(phases, "save", lambda: save(mlmodel, out))
+    mlmodel = timed(phases, "quantize", quantize, mlmodel)
+    timed(phases, "save", save, mlmodel, out)
     total = round(time.perf_counter() - start, 3)
     return {
         "model": str(folder),
@@ -227,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
         result = run(args.model, args.out, args.context)
-    result["warnings"] = sorted({f"{w.category.__name__}: {str(w.message).splitlines()[0]}" for w in caught})
+    result["warnings"] = sorted({f"{w.category.__name__}: {str(w.message).splitlines()[0]}"
+                                 for w in caught})  # fmt: skip
     for w in result["warnings"]:
         print(w, file=sys.stderr)
     if args.list_ops:

@@ -82,11 +82,12 @@ def marketed_bandwidth(name: str) -> float | None:
     return BANDWIDTH[max(found, key=len)] if found else None
 
 
-def timed(fn, repeats: int) -> tuple[float, object]:
+def timed(fn, w, repeats: int) -> tuple[float, object]:
+    """The median seconds of `fn(w)` over `repeats` runs, and its last result."""
     times, out = [], None
     for _ in range(repeats):
         start = time.perf_counter()
-        out = fn()
+        out = fn(w)
         times.append(time.perf_counter() - start)
     return statistics.median(times), out
 
@@ -114,6 +115,7 @@ def implementations(model: str, method: str) -> dict:
     if model == "1b":  # numpy's search on 8B weights would take hours: the 1B shape says enough
         out["numpy"] = family("numpy")
     if method == "rtn":
+
         def coalesced(w):
             from mlxedge.quant import metal
 
@@ -146,7 +148,7 @@ def measure(model: str, method: str, repeats: int) -> list[dict]:
         reference = None
         for name, fn in implementations(model, method).items():
             reps = 1 if name == "numpy" else repeats
-            seconds, codes = timed(lambda: fn(w), reps)
+            seconds, codes = timed(fn, w, reps)
             totals[name] = totals.get(name, 0.0) + seconds * count
             if reference is None:
                 reference = codes

@@ -538,8 +538,10 @@ def export_coreml(ctx, model, output, bits, group_size, method, recipe, context,
         report = run(source, output, opts, method=method, context=context, force=force)
     out.print(f"wrote {report.package} (context {report.context}; {report.carried} tensors carried "
               f"as block-wise constants, {len(report.as_float)} as float16)")  # fmt: skip
-    out.print(f"  {report.widened_summary()}; float16 offsets off by at most "
-              f"{report.max_offset_error:.3g} per weight (bound {report.offset_bound:.3g})")
+    out.print(
+        f"  {report.widened_summary()}; float16 offsets off by at most "
+        f"{report.max_offset_error:.3g} per weight (bound {report.offset_bound:.3g})"
+    )
     for name, bits, container in report.widened:
         log.info("widened: %s (%d-bit codes in uint%d)", name, bits, container)
     for name, why in report.as_float:

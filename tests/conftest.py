@@ -36,7 +36,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
     skips = {}
     if sys.platform != "darwin":
-        skips["macos"] = pytest.mark.skip(reason="needs macOS: the Core ML runtime exists only there")
+        skips["macos"] = pytest.mark.skip(
+            reason="needs macOS: the Core ML runtime exists only there"
+        )
     if not metal_available():
         skips["metal"] = pytest.mark.skip(
             reason="needs Apple Silicon's GPU (on Linux the harness runs the same kernel text)"

@@ -204,14 +204,14 @@ class Harness:
         launch = launch or inst.launch
         if launch.template != inst.launch.template:
             raise ValueError("a launch of another instantiation")
-        outputs = [_poisoned(shape, dt)
-                   for shape, dt in zip(launch.output_shapes, launch.output_dtypes)]  # fmt: skip
+        shapes = zip(launch.output_shapes, launch.output_dtypes, strict=True)
+        outputs = [_poisoned(shape, dt) for shape, dt in shapes]
         arrays = [np.ascontiguousarray(a) for a in inputs] + outputs
         buffers = (ctypes.c_void_p * len(arrays))(*[a.ctypes.data for a in arrays])
         grid = (ctypes.c_uint32 * 3)(*launch.grid)
         # MLX clamps the threadgroup to the grid per dimension
-        group = (ctypes.c_uint32 * 3)(*(min(t, g) for t, g in zip(launch.threadgroup,
-                                                                    launch.grid)))  # fmt: skip
+        clamped = (min(t, g) for t, g in zip(launch.threadgroup, launch.grid, strict=True))
+        group = (ctypes.c_uint32 * 3)(*clamped)
         if getattr(self._lib, f"run_{i}")(buffers, grid, group) != 0:
             raise RuntimeError(f"{inst.spec.name}: threads ended while others waited at a barrier")
         return outputs

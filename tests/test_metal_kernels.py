@@ -1,8 +1,9 @@
-"""Our Metal kernels (affine rtn; llama.cpp's legacy blocks), executed on Linux from the very text MLX generates for a Mac, compared bit
-for bit with the numpy specification (`mlxedge/quant/schemes.py`); see tests/metal_harness.py.
+"""Our Metal kernels (affine rtn, mse, mse-zero; llama.cpp's legacy blocks; dequantize), executed
+on Linux from the very text MLX generates for a Mac, compared bit for bit with the numpy
+specification (`mlxedge/quant/schemes.py`, `mlxedge/quant/ggml.py`); see tests/metal_harness.py.
 
-The harness can fail: copies of a kernel with an off-by-one in the packing or a changed rounding
-are caught, and so is a text using what the Metal Shading Language lacks.
+The harness can fail: copies of a kernel with a bug put in (packing, rounding, lane order, a
+removed barrier) are caught, and so is a text using what the Metal Shading Language lacks.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ if shutil.which("g++") is None and os.environ.get("CI") != "true":  # CI must ru
 from metal_harness import Harness, metal_violations  # noqa: E402
 
 from mlxedge.quant import ggml  # noqa: E402
-from mlxedge.quant.metal import header  # noqa: E402
 from mlxedge.quant.metal import (  # noqa: E402
     AFFINE_DEQUANT,
     AFFINE_RTN,
@@ -29,14 +29,15 @@ from mlxedge.quant.metal import (  # noqa: E402
     AFFINE_SEARCH,
     GGML_LEGACY,
     GGML_LEGACY_DEQUANT,
-    affine_dequant_launch,
-    affine_rtn_coalesced_launch,
-    affine_search_launch,
-    ggml_legacy_dequant_launch,
     LEGACY_TYPES,
     KernelSpec,
+    affine_dequant_launch,
+    affine_rtn_coalesced_launch,
     affine_rtn_launch,
+    affine_search_launch,
+    ggml_legacy_dequant_launch,
     ggml_legacy_launch,
+    header,  # noqa: E402
 )
 from mlxedge.quant.schemes import STORAGE_DTYPES, SUPPORTED_BITS, AffineScheme, quantize  # noqa: E402
 
@@ -109,9 +110,18 @@ def test_a_broken_kernel_is_caught(what, find, replace):
     harness = Harness([(_broken(find, replace), _launch(w, bits, g, dtype))])
     codes, scales, biases = harness.run(0, _inputs(w, g, dtype), _launch(w, bits, g, dtype))
     qt = quantize(w, AffineScheme(bits, g), dtype, "rtn")
-    same = (np.array_equal(codes.view(np.uint32), qt.weight.reshape(-1).view(np.uint32))
-            and np.array_equal(scales.view(np.uint16), qt.scales.reshape(-1).view(np.uint16)))  # fmt: skip
-    assert not same, what
+    assert not _same(qt, codes, scales), what
+
+
+def _same(qt, codes: np.ndarray, scales: np.ndarray, biases: np.ndarray | None = None) -> bool:
+    """A kernel's codes and scales (and biases, when given) equal the specification's, byte for
+    byte."""
+    pairs = [(codes, qt.weight), (scales, qt.scales)]
+    if biases is not None:
+        pairs.append((biases, qt.biases))
+    return all(
+        np.array_equal(got.view(np.uint8), want.reshape(-1).view(np.uint8)) for got, want in pairs
+    )
 
 
 @pytest.mark.parametrize("construct", [
@@ -119,8 +129,8 @@ def test_a_broken_kernel_is_caught(what, find, replace):
     "printf(\"%f\", lo);", "try { } catch (...) { }",
 ])  # fmt: skip
 def test_text_outside_metal_is_refused(construct):
-    text = AFFINE_RTN.source.replace("    uint g = thread_position_in_grid.x;",
-                                     f"    {construct}\n    uint g = thread_position_in_grid.x;")  # fmt: skip
+    first = "    uint g = thread_position_in_grid.x;"
+    text = AFFINE_RTN.source.replace(first, f"    {construct}\n{first}")
     assert metal_violations(text)
     spec = KernelSpec(AFFINE_RTN.name, AFFINE_RTN.inputs, AFFINE_RTN.outputs, text)
     w = np.zeros((4, 64), np.float32)
@@ -197,12 +207,13 @@ def test_a_broken_legacy_kernel_is_caught():
     """Q5_0's high bits shifted one element along: caught on the same inputs."""
     find = "byte |= ((q[8 * k + j] >> 4) & 1u) << j;"
     assert find in GGML_LEGACY.source
+    wrong = find.replace("<< j", "<< ((j + 1) & 7)")
     broken = KernelSpec(GGML_LEGACY.name, GGML_LEGACY.inputs, GGML_LEGACY.outputs,
-                        GGML_LEGACY.source.replace(find, find.replace("<< j", "<< ((j + 1) & 7)")))  # fmt: skip
+                        GGML_LEGACY.source.replace(find, wrong))  # fmt: skip
     x = legacy_rows(0)
     launch = ggml_legacy_launch(mx.array(x), "Q5_0", threadgroup=32)
-    (blocks,) = Harness([(broken, launch)]).run(0, [x.reshape(-1), np.array(x.size // 32,
-                                                                            np.uint32)])  # fmt: skip
+    inputs = [x.reshape(-1), np.array(x.size // 32, np.uint32)]
+    (blocks,) = Harness([(broken, launch)]).run(0, inputs)
     assert not np.array_equal(blocks, ggml.TYPES["Q5_0"].quantize(x.reshape(-1, 32)).reshape(-1))
 
 
@@ -246,7 +257,8 @@ def test_legacy_dequantize_kernel_equals_the_specification(type_name):
     blocks = ggml.TYPES[type_name].quantize(x.reshape(-1, 32)).reshape(-1)
     launch = ggml_legacy_dequant_launch(mx.array(blocks), type_name, threadgroup=32)
     (got,) = Harness([(GGML_LEGACY_DEQUANT, launch)]).run(
-        0, [blocks, np.array(blocks.size // LEGACY_TYPES[type_name][1], np.uint32)])
+        0, [blocks, np.array(blocks.size // LEGACY_TYPES[type_name][1], np.uint32)]
+    )
     want = ggml.TYPES[type_name].dequantize(blocks.reshape(-1, LEGACY_TYPES[type_name][1]))
     assert np.array_equal(got.view(np.uint32), want.reshape(-1).astype(np.float32).view(np.uint32))
 
@@ -293,10 +305,7 @@ def test_a_broken_search_kernel_is_caught(method, what, find, replace):
     launch = affine_search_launch(mx.array(w), bits, g, dtype, method)
     codes, scales, biases = Harness([(broken, launch)]).run(0, _inputs(w, g, dtype))
     qt = quantize(w, AffineScheme(bits, g), dtype, method)
-    same = (np.array_equal(codes.view(np.uint32), qt.weight.reshape(-1).view(np.uint32))
-            and np.array_equal(scales.view(np.uint8), qt.scales.reshape(-1).view(np.uint8))
-            and np.array_equal(biases.view(np.uint8), qt.biases.reshape(-1).view(np.uint8)))  # fmt: skip
-    assert not same, what
+    assert not _same(qt, codes, scales, biases), what
 
 
 # --- threadgroup memory and barriers: the coalesced rtn kernel ---------------------------------
@@ -313,8 +322,8 @@ def coalesced_harness() -> Harness:
 def test_coalesced_rtn_kernel_equals_the_specification(coalesced_harness, bits, group_size, dtype):
     w = weights(ROWS, COLS, group_size, bits, seed=3)
     launch = affine_rtn_coalesced_launch(mx.array(w), bits, group_size, dtype)
-    codes, scales, biases = coalesced_harness.run(CASES.index((bits, group_size, dtype)),
-                                                  _inputs(w, group_size, dtype)[:1], launch)  # fmt: skip
+    i = CASES.index((bits, group_size, dtype))
+    codes, scales, biases = coalesced_harness.run(i, _inputs(w, group_size, dtype)[:1], launch)
     qt = quantize(w, AffineScheme(bits, group_size), dtype, "rtn")
     assert np.array_equal(codes.view(np.uint32), qt.weight.reshape(-1).view(np.uint32))
     for got, want in ((scales, qt.scales), (biases, qt.biases)):
@@ -327,13 +336,11 @@ def test_a_removed_barrier_is_caught(what, nth):
     barrier = "    threadgroup_barrier(mem_flags::mem_threadgroup);\n"
     text = AFFINE_RTN_COALESCED.source
     at = [i for i in range(len(text)) if text.startswith(barrier, i)][nth]
-    broken = KernelSpec(AFFINE_RTN_COALESCED.name, AFFINE_RTN_COALESCED.inputs,
-                        AFFINE_RTN_COALESCED.outputs, text[:at] + text[at + len(barrier):])  # fmt: skip
+    spec = AFFINE_RTN_COALESCED
+    broken = KernelSpec(spec.name, spec.inputs, spec.outputs, text[:at] + text[at + len(barrier) :])
     bits, g, dtype = 4, 128, "float16"
     w = weights(ROWS, COLS, g, bits, seed=4)
     launch = affine_rtn_coalesced_launch(mx.array(w), bits, g, dtype)
     codes, scales, _ = Harness([(broken, launch)]).run(0, _inputs(w, g, dtype)[:1])
     qt = quantize(w, AffineScheme(bits, g), dtype, "rtn")
-    same = (np.array_equal(codes.view(np.uint32), qt.weight.reshape(-1).view(np.uint32))
-            and np.array_equal(scales.view(np.uint16), qt.scales.reshape(-1).view(np.uint16)))  # fmt: skip
-    assert not same, what
+    assert not _same(qt, codes, scales), what

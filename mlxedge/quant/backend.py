@@ -114,8 +114,10 @@ def set_kernels(name: str | None) -> None:
         raise MlxedgeError("--kernels metal needs Apple Silicon's GPU, which this machine lacks",
                            fix="use --kernels native or numpy (the same bytes)")  # fmt: skip
     if name == "native" and not native_available():
-        raise MlxedgeError("--kernels native: the native kernels are not built here",
-                           fix="reinstall with a C compiler (make install), or use numpy")  # fmt: skip
+        raise MlxedgeError(
+            "--kernels native: the native kernels are not built here",
+            fix="reinstall with a C compiler (make install), or use numpy",
+        )
     _forced = name
 
 
@@ -328,8 +330,8 @@ def encode_ggml(w: np.ndarray, type_name: str) -> np.ndarray:
         from . import metal
 
         x = np.ascontiguousarray(w, dtype=np.float32)
-        blocks = _on_metal(lambda: metal.call(metal.GGML_LEGACY,
-                                              metal.ggml_legacy_launch(_to_mx(x), type_name)))  # fmt: skip
+        launch = metal.ggml_legacy_launch(_to_mx(x), type_name)
+        blocks = _on_metal(lambda: metal.call(metal.GGML_LEGACY, launch))
         if blocks is not None:
             return _to_np(blocks[0]).reshape(x.shape[0], -1)
         family = kernel_family(ggml_type=type_name)

@@ -34,17 +34,21 @@ class KernelSpec:
 
     @property
     def source(self) -> str:
-        return self.body if self.body is not None else (KERNEL_DIR / f"{self.name}.metal").read_text()
+        if self.body is not None:
+            return self.body
+        return (KERNEL_DIR / f"{self.name}.metal").read_text()
 
 
 AFFINE_RTN = KernelSpec("affine_quantize_rtn", ("w", "n_groups"), ("codes", "scales", "biases"))
 GGML_LEGACY = KernelSpec("ggml_quantize_legacy", ("x", "n_blocks"), ("blocks",))
 AFFINE_RTN_COALESCED = KernelSpec("affine_quantize_rtn_coalesced", ("w",),
                                   ("codes", "scales", "biases"))  # fmt: skip
-AFFINE_SEARCH = KernelSpec("affine_quantize_search", ("w", "n_groups"), ("codes", "scales", "biases"))
+AFFINE_SEARCH = KernelSpec("affine_quantize_search", ("w", "n_groups"),
+                           ("codes", "scales", "biases"))  # fmt: skip
 AFFINE_DEQUANT = KernelSpec("affine_dequantize", ("codes", "scales", "biases", "n_groups"), ("w",))
 GGML_LEGACY_DEQUANT = KernelSpec("ggml_dequantize_legacy", ("blocks", "n_blocks"), ("x",))
-KERNELS = (AFFINE_RTN, AFFINE_RTN_COALESCED, AFFINE_SEARCH, GGML_LEGACY, AFFINE_DEQUANT, GGML_LEGACY_DEQUANT)
+KERNELS = (AFFINE_RTN, AFFINE_RTN_COALESCED, AFFINE_SEARCH, GGML_LEGACY, AFFINE_DEQUANT,
+           GGML_LEGACY_DEQUANT)  # fmt: skip
 METAL_METHODS = ("rtn", "mse", "mse-zero")  # affine methods with a Metal kernel
 _SEARCH_ZERO = {"mse": 0, "mse-zero": 1}
 METAL_GGML_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
@@ -173,8 +177,12 @@ def affine_dequant_launch(codes, scales, biases, bits: int, group_size: int,
 
     groups = int(np.prod(scales.shape))
     return Launch(
-        inputs=(mx.reshape(codes, (-1,)), mx.reshape(scales, (-1,)), mx.reshape(biases, (-1,)),
-                mx.array(groups, dtype=mx.uint32)),  # fmt: skip
+        inputs=(
+            mx.reshape(codes, (-1,)),
+            mx.reshape(scales, (-1,)),
+            mx.reshape(biases, (-1,)),
+            mx.array(groups, dtype=mx.uint32),
+        ),  # fmt: skip
         output_shapes=((groups * group_size,),),
         output_dtypes=(mx.float32,),
         grid=(groups, 1, 1),
