@@ -13,14 +13,13 @@ import os
 import re
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
 
 import numpy as np
 
 KERNEL_DIR = Path(__file__).resolve().parents[2] / "metal_kernels"
-_MX_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
 
 
 @dataclass(frozen=True)
@@ -105,7 +104,7 @@ def generated_source(spec: KernelSpec, launch: Launch) -> str:
     import mlx.core as mx
 
     def traced(*arrays):
-        return call(spec, Launch(arrays, *_rest(launch)), verbose=True)
+        return call(spec, replace(launch, inputs=arrays), verbose=True)
 
     with tempfile.TemporaryFile() as captured:
         sys.stdout.flush()
@@ -124,11 +123,6 @@ def generated_source(spec: KernelSpec, launch: Launch) -> str:
     return found.group(1)
 
 
-def _rest(launch: Launch) -> tuple:
-    return (launch.output_shapes, launch.output_dtypes, launch.grid, launch.threadgroup,
-            launch.template)  # fmt: skip
-
-
 # ---------------------------------------------------------------------------------------------
 # Launches of each kernel
 
@@ -140,7 +134,10 @@ def affine_rtn_launch(w, bits: int, group_size: int, dtype: str, threadgroup: in
 
     n = int(np.prod(w.shape))
     groups = n // group_size
-    t = getattr(mx, _MX_DTYPES[dtype])
+    from .schemes import storage_dtype
+
+    storage_dtype(dtype)  # a clear error for a dtype that is not one of ours
+    t = getattr(mx, dtype)
     return Launch(
         inputs=(mx.reshape(w.astype(t), (n,)), mx.array(groups, dtype=mx.uint32)),
         output_shapes=((n * bits // 32,), (groups,), (groups,)),
@@ -211,8 +208,7 @@ def affine_search_launch(w, bits: int, group_size: int, dtype: str, method: str,
                          threadgroup: int = 256) -> Launch:  # fmt: skip
     """`affine_rtn_launch` for the squared-error searches, `method` "mse" or "mse-zero"."""
     rtn = affine_rtn_launch(w, bits, group_size, dtype, threadgroup)
-    return Launch(rtn.inputs, rtn.output_shapes, rtn.output_dtypes, rtn.grid, rtn.threadgroup,
-                  rtn.template + (("ZERO", _SEARCH_ZERO[method]),))  # fmt: skip
+    return replace(rtn, template=rtn.template + (("ZERO", _SEARCH_ZERO[method]),))
 
 
 def affine_launch(w, bits: int, group_size: int, dtype: str, method: str) -> tuple:
@@ -225,6 +221,5 @@ def affine_launch(w, bits: int, group_size: int, dtype: str, method: str) -> tup
 def affine_rtn_coalesced_launch(w, bits: int, group_size: int, dtype: str) -> Launch:
     """`affine_rtn_launch` for the coalesced variant: a threadgroup of 32 per group."""
     rtn = affine_rtn_launch(w, bits, group_size, dtype)
-    groups = rtn.grid[0]
-    return Launch(rtn.inputs[:1], rtn.output_shapes, rtn.output_dtypes, (groups * 32, 1, 1),
-                  (32, 1, 1), rtn.template)  # fmt: skip
+    return replace(rtn, inputs=rtn.inputs[:1], grid=(rtn.grid[0] * 32, 1, 1),
+                               threadgroup=(32, 1, 1))  # fmt: skip
