@@ -185,6 +185,27 @@ class Model:
         return sum(int(np.prod(info.shape)) for info in self.weights.infos())
 
 
+class RenamedSource:
+    """A `TensorSource` seen under other names, and only those (a wrapper checkpoint's language
+    model under its own architecture's names).
+
+    Args:
+        source: the tensors.
+        names: each new name -> the source's name of the tensor.
+    """
+
+    def __init__(self, source: TensorSource, names: dict[str, str]) -> None:
+        self.source, self.names = source, names
+
+    def infos(self) -> list[TensorInfo]:
+        old = {info.name: info for info in self.source.infos()}
+        return [TensorInfo(new, old[name].shape, old[name].dtype)
+                for new, name in self.names.items()]  # fmt: skip
+
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        return self.source.read(self.names[name], rows)
+
+
 def iter_tensors(source: TensorSource) -> Iterator[tuple[TensorInfo, np.ndarray]]:
     """Yield each tensor with its info, one at a time, in the source's order."""
     for info in source.infos():

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 
-from .archs import arch_for
+from .archs import arch_for, unwrap
 from .errors import MlxedgeError
 from .model import TensorInfo
 from .quant.defaults import DEFAULT_METHOD, DEFAULT_RECIPE
@@ -79,9 +79,11 @@ def weights_bytes(config: dict, opts: QuantOptions) -> int:
 
 
 def kv_cache_bytes(config: dict, context: int) -> int:
-    """K and V for every layer at `context` tokens, float16."""
+    """K and V for every layer at `context` tokens, float16; a sliding-window layer keeps only
+    its window's tokens (as mlx-lm's rotating caches and llama.cpp's sliding-window cache do)."""
     s = arch_for(config, "config.json").spec
-    return 2 * s.n_layers * s.n_kv_heads * s.head_dim * context * KV_BYTES
+    tokens = sum(context if w is None else min(w, context) for w in s.windows)
+    return 2 * tokens * s.n_kv_heads * s.head_dim * KV_BYTES
 
 
 def quality_table() -> dict:
@@ -144,7 +146,7 @@ def model_config(model: str, revision: str | None = None) -> tuple[str, dict]:
     if path.is_dir():
         from .source import read_config
 
-        config = read_config(path)
+        config = unwrap(read_config(path), None)[0]
         arch_for(config, str(path / "config.json"))  # validated here, where the file is known
         return path.absolute().name, config
     if path.suffix.lower() == ".gguf" or model == "smollm2" or path.exists():
@@ -166,6 +168,6 @@ def model_config(model: str, revision: str | None = None) -> tuple[str, dict]:
             path=model,
             fix="check the id and your network, or set HF_TOKEN for a gated model",
         ) from None
-    config = read_json_object(Path(local))
+    config = unwrap(read_json_object(Path(local)), None)[0]
     arch_for(config, f"{model}: config.json")
     return model.split("/")[-1], config

@@ -14,6 +14,7 @@ import os
 import re
 from pathlib import Path
 
+from .archs import unwrap
 from .errors import MlxedgeError
 from .formats.hf import HFCheckpoint
 from .inputs import JSON_CAP, TOKENIZER_CAP, read_bytes, read_json
@@ -207,7 +208,9 @@ def from_folder(folder: Path, origin: str, hub_id: str | None = None) -> Model:
             a checkpoint in another tool's quantized format, or missing tensors.
     """
     config = read_config(folder)
-    checkpoint = HFCheckpoint.from_folder(folder)
+    config, checkpoint = unwrap(
+        config, HFCheckpoint.from_folder(folder), str(folder / "config.json")
+    )
     names = [i.name for i in checkpoint.infos()]
     quantization = config.get("quantization") if isinstance(config, dict) else None
     if quantization is not None:

@@ -50,8 +50,8 @@ class RecordingOps:
             assert self.shapes[module + ".bias"] == (out_dim,)
         return self._log("linear", module, (*x.shape[:-1], out_dim))
 
-    def rms_norm(self, x, weight, eps):
-        assert self.shapes[weight] == (x.shape[-1],) and eps > 0
+    def rms_norm(self, x, weight, eps, offset=0.0):
+        assert self.shapes[weight] == (x.shape[-1],) and eps > 0 and offset in (0.0, 1.0)
         return self._log("rms_norm", weight, x.shape)
 
     def split_heads(self, x, n_heads, head_dim):
@@ -73,12 +73,23 @@ class RecordingOps:
     def causal_mask(self, positions, window):
         return self._log("causal_mask", str(window), (L, L))
 
-    def attention(self, layer, q, k, v, mask, scale):
+    def attention(self, layer, q, k, v, mask, scale, soft_cap=None):
         assert q.shape[0] % k.shape[0] == 0 and k.shape == v.shape and mask.shape == (L, L)
+        assert scale > 0 and (soft_cap is None or soft_cap > 0)
         return self._log("attention", str(layer), q.shape)
 
     def silu(self, x):
         return self._log("silu", None, x.shape)
+
+    def gelu_tanh(self, x):
+        return self._log("gelu_tanh", None, x.shape)
+
+    def soft_cap(self, x, cap):
+        assert cap > 0
+        return self._log("soft_cap", str(cap), x.shape)
+
+    def scale(self, x, factor):
+        return self._log("scale", str(factor), x.shape)
 
     def mul(self, a, b):
         assert a.shape == b.shape

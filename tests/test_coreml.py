@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from tiny_models import ARCHS, make_tiny_model
+from tiny_models import ARCH_CASES, ARCH_IDS, make_tiny_model
 
 from mlxedge.cli import main
 from mlxedge.errors import MlxedgeError
@@ -48,11 +48,7 @@ def exported(tmp_path_factory) -> tuple[Path, Path]:
     return model, out
 
 
-ARCH_CASES = [(arch, tied) for arch in ARCHS for tied in (True, False)]
-
-
-@pytest.mark.parametrize("arch,tied", ARCH_CASES, ids=[f"{a}-{'tied' if t else 'untied'}"
-                                                       for a, t in ARCH_CASES])  # fmt: skip
+@pytest.mark.parametrize("arch,tied", ARCH_CASES, ids=ARCH_IDS)
 def test_every_architecture_passes_crosscheck_on_the_interpreter(arch, tied, tmp_path):
     model = make_tiny_model(tmp_path / "m", arch, tied=tied, dtype="float32", layers=1)
     out = tmp_path / "out"
@@ -168,10 +164,10 @@ def test_reading_a_state_twice_is_caught(exported, tmp_path):
         """Reads the states again before every layer, as coremltools' merged read_state ops
         effectively do: each layer then writes over the previous layers' updates."""
 
-        def attention(self, layer, q, k, v, mask, scale):
+        def attention(self, layer, q, k, v, mask, scale, soft_cap=None):
             self.keys = self.mb.read_state(input=self.key_state)
             self.values = self.mb.read_state(input=self.value_state)
-            return super().attention(layer, q, k, v, mask, scale)
+            return super().attention(layer, q, k, v, mask, scale, soft_cap)
 
     model_dir, out = exported
     mlx = tmp_path / "q"

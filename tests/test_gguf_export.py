@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 from llamacpp_util import logits as llama_cpp_logits
-from tiny_models import ARCHS, edit_weights, make_tiny_model
+from tiny_models import ARCH_CASES, ARCH_IDS, ARCHS, edit_weights, make_tiny_model
 
 from mlxedge.formats.gguf.mixes import MIXES
 from mlxedge.formats.gguf.writer import write_gguf
@@ -19,8 +19,7 @@ from mlxedge.source import resolve
 pytestmark = pytest.mark.llamacpp
 
 
-@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch,tied", ARCH_CASES, ids=ARCH_IDS)
 def test_f32_export_equals_the_reference_in_llama_cpp(tmp_path, arch, tied):
     folder = make_tiny_model(tmp_path / arch, arch, tied=tied, dtype="float32",
                              head_dim=32 if arch == "qwen3" else None)  # fmt: skip

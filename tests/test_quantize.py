@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from mlx_lm import generate, load
-from tiny_models import ARCHS, edit_weights, make_tiny_model
+from tiny_models import ARCH_CASES, ARCH_IDS, edit_weights, make_tiny_model
 
 from mlxedge.cli import main
 from mlxedge.formats import safetensors
@@ -36,13 +36,11 @@ def models(tmp_path_factory) -> dict[tuple[str, bool], Path]:
     root = tmp_path_factory.mktemp("models")
     return {
         (arch, tied): make_tiny_model(root / f"{arch}-{tied}", arch, tied=tied, dtype="bfloat16")
-        for arch in ARCHS
-        for tied in (True, False)
+        for arch, tied in ARCH_CASES
     }
 
 
-@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch,tied", ARCH_CASES, ids=ARCH_IDS)
 def test_every_architecture_quantizes_loads_and_generates(models, tmp_path, arch, tied):
     out = tmp_path / "q"
     result = run(
@@ -239,9 +237,10 @@ def test_unsupported_architecture(tmp_path):
     (src / "config.json").write_text(json.dumps(config))
     result = run("quantize", src, "-o", tmp_path / "out")
     assert result.exit_code == 2
-    from mlxedge.archs import ARCHITECTURES
+    from mlxedge.archs import ARCHITECTURES, WRAPPERS
 
-    assert "gpt_neox" in result.output and ", ".join(sorted(ARCHITECTURES)) in result.output
+    supported = ", ".join(sorted([*ARCHITECTURES, *WRAPPERS]))
+    assert "gpt_neox" in result.output and supported in result.output
     assert str(src / "config.json") in result.output
 
 

@@ -9,7 +9,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx_lm.utils import load_model
-from tiny_models import ARCHS, llama_1b_config, make_tiny_model
+from tiny_models import ARCH_CASES, ARCH_IDS, llama_1b_config, make_tiny_model
 
 from mlxedge.archs import arch_for
 from mlxedge.cli import main
@@ -36,8 +36,7 @@ def ids_for(config: dict, n: int = 48, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, config["vocab_size"], n)
 
 
-@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch,tied", ARCH_CASES, ids=ARCH_IDS)
 def test_reference_equals_mlx_lm(tmp_path, arch, tied):
     folder = tiny(tmp_path, arch, tied)
     config = json.loads((folder / "config.json").read_text())

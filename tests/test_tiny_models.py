@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 from tiny_models import (
-    ARCHS,
+    ARCH_CASES,
     BOS_TOKEN_ID,
     EOS_TOKEN_ID,
     SPECIAL_TOKENS,
@@ -24,7 +24,7 @@ from tiny_models import (
 )
 from transformers import AutoConfig, AutoTokenizer
 
-CASES = [(arch, tied) for arch in ARCHS for tied in (True, False)]
+CASES = ARCH_CASES
 
 
 def _stored_tensors(folder: Path) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -70,10 +70,14 @@ def test_tensor_names_follow_hugging_face(tiny_folders, arch: str, tied: bool) -
     assert {dt for _, dt in stored.values()} == {"BF16"}
     assert ("lm_head.weight" in stored) is not tied
     assert ("model.layers.1.self_attn.q_proj.bias" in stored) is (arch == "qwen2")
-    assert ("model.layers.1.self_attn.k_norm.weight" in stored) is (arch in ("qwen3", "olmo2"))
-    # OLMo 2 normalizes outputs, not inputs (Hugging Face's Olmo2DecoderLayer)
+    assert ("model.layers.1.self_attn.k_norm.weight" in stored) is (
+        arch in ("qwen3", "olmo2", "gemma3_text"))  # fmt: skip
+    # OLMo 2 normalizes outputs, not inputs (Hugging Face's Olmo2DecoderLayer); Gemma both
     assert ("model.layers.1.input_layernorm.weight" in stored) is (arch != "olmo2")
-    assert ("model.layers.1.post_feedforward_layernorm.weight" in stored) is (arch == "olmo2")
+    assert ("model.layers.1.post_feedforward_layernorm.weight" in stored) is (
+        arch in ("olmo2", "gemma2", "gemma3_text"))  # fmt: skip
+    assert ("model.layers.1.pre_feedforward_layernorm.weight" in stored) is arch.startswith(
+        "gemma")  # fmt: skip
 
 
 @pytest.mark.parametrize("arch,tied", CASES)

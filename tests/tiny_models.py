@@ -23,7 +23,12 @@ import mlx.core as mx
 import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
-ARCHS = ("llama", "mistral", "qwen2", "qwen3", "granite", "olmo2")
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "granite", "olmo2", "gemma2", "gemma3_text")
+# Whether the head may be untied, per architecture (mlx-lm and llama.cpp run Gemma 2 tied only).
+TIES = {arch: (True, False) for arch in ARCHS} | {"gemma2": (True,)}
+# (arch, tied) of every head each architecture allows, and the ids tests show them by
+ARCH_CASES = [(arch, tied) for arch in ARCHS for tied in TIES[arch]]
+ARCH_IDS = [f"{a}-{'tied' if t else 'untied'}" for a, t in ARCH_CASES]
 DTYPES = ("bfloat16", "float16", "float32")
 
 # Written into every JSON file instead of the installed version so that the bytes do not depend on
@@ -39,6 +44,7 @@ N_MERGES = 61
 TOKENIZER_VOCAB_SIZE = N_BYTE_TOKENS + N_MERGES + len(SPECIAL_TOKENS)
 BOS_TOKEN, EOS_TOKEN, PAD_TOKEN = "<|endoftext|>", "<|im_end|>", "<|endoftext|>"
 BOS_TOKEN_ID = TOKENIZER_VOCAB_SIZE - len(SPECIAL_TOKENS) + SPECIAL_TOKENS.index(BOS_TOKEN)
+PAD_TOKEN_ID = BOS_TOKEN_ID
 EOS_TOKEN_ID = TOKENIZER_VOCAB_SIZE - len(SPECIAL_TOKENS) + SPECIAL_TOKENS.index(EOS_TOKEN)
 
 CHAT_TEMPLATE = (
@@ -70,6 +76,8 @@ _ARCHITECTURES = {
     "qwen3": "Qwen3ForCausalLM",
     "granite": "GraniteForCausalLM",
     "olmo2": "Olmo2ForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
 }
 
 
@@ -292,6 +300,41 @@ def hf_config(
             "rope_scaling": None,
             "rope_theta": 500000.0,
         }
+    elif arch in ("gemma2", "gemma3_text"):
+        # Gemma2Config's / Gemma3TextConfig's keys. The attention scale is head_dim's, the rule
+        # llama.cpp applies; the soft-caps (Gemma 2) are set where random weights' scores and
+        # logits reach, so that they change the result; Gemma 3's sliding layers (the first of
+        # every two, 16 tokens) reach less far than the tests' sequences, and its global layers
+        # have a scaled rotary base of their own, as Gemma 3 4B's have.
+        config |= {
+            "attention_bias": False,
+            "head_dim": head_dim,
+            "hidden_act": "gelu_pytorch_tanh",
+            "hidden_activation": "gelu_pytorch_tanh",
+            "pad_token_id": PAD_TOKEN_ID,
+            "query_pre_attn_scalar": head_dim,
+            "rms_norm_eps": 1e-06,
+        }
+        if arch == "gemma2":
+            config |= {
+                "attn_logit_softcapping": 0.05,
+                "cache_implementation": "hybrid",
+                "final_logit_softcapping": 0.5,
+                "max_position_embeddings": 8192,
+                "rope_theta": 10000.0,
+                "sliding_window": 4096,
+            }
+        else:
+            config |= {
+                "attn_logit_softcapping": None,
+                "final_logit_softcapping": None,
+                "max_position_embeddings": 32768,
+                "rope_local_base_freq": 10000.0,
+                "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                "rope_theta": 1000000.0,
+                "sliding_window": 16,
+                "sliding_window_pattern": 2,
+            }
     elif arch == "mistral":
         config |= {
             "head_dim": head_dim,
@@ -339,12 +382,56 @@ def edit_weights(folder: Path, edit) -> None:
     mx.save_safetensors(str(path), {k: mx.array(v) for k, v in weights.items()})
 
 
+def make_tiny_gemma3(folder: Path, *, tied: bool = True, dtype: str = "float32", seed: int = 0,
+                     **sizes: int) -> Path:  # fmt: skip
+    """Write a multimodal Gemma 3 folder (``Gemma3ForConditionalGeneration``): the language model
+    of ``make_tiny_model(..., "gemma3_text", ...)`` under ``language_model.*`` with its config as
+    ``text_config``, beside a stand-in vision tower (two tensors) that a text model leaves out.
+
+    Args:
+        folder: Output folder; created if missing.
+        tied: ``tie_word_embeddings`` of the language model.
+        dtype: Storage dtype, one of ``DTYPES``.
+        seed: Seed of the weights.
+        **sizes: ``hidden``, ``layers``, ... as ``hf_config`` takes them.
+
+    Returns:
+        ``folder``.
+    """
+    args = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128,
+                vocab=TOKENIZER_VOCAB_SIZE) | sizes  # fmt: skip
+    text = hf_config("gemma3_text", tied=tied, dtype=dtype, **args)
+    outer = ("architectures", "bos_token_id", "eos_token_id", "torch_dtype", "transformers_version")
+    config = {
+        "architectures": ["Gemma3ForConditionalGeneration"],
+        "bos_token_id": BOS_TOKEN_ID,
+        "eos_token_id": EOS_TOKEN_ID,
+        "image_token_index": PAD_TOKEN_ID,
+        "mm_tokens_per_image": 4,
+        "model_type": "gemma3",
+        "text_config": {k: v for k, v in text.items() if k not in outer},
+        "torch_dtype": dtype,
+        "transformers_version": TRANSFORMERS_VERSION,
+        "vision_config": {"hidden_size": 16, "image_size": 8, "model_type": "siglip_vision_model",
+                          "num_hidden_layers": 1, "patch_size": 4},
+        "vocab_size": args["vocab"],  # mlx-lm's gemma3 takes it from here (default 262208)
+    }  # fmt: skip
+    shapes = {"language_model." + n: shape for n, shape in hf_tensor_shapes(text).items()}
+    shapes |= {
+        "multi_modal_projector.mm_input_projection_weight": (16, args["hidden"]),
+        "vision_tower.vision_model.embeddings.patch_embedding.weight": (16, 3, 4, 4),
+    }
+    return write_model_folder(folder, config, seed=seed, shapes=shapes, norm_offset=1.0)
+
+
 def write_model_folder(
     folder: Path,
     config: dict[str, Any],
     *,
     seed: int = 0,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    shapes: dict[str, tuple[int, ...]] | None = None,
+    norm_offset: float | None = None,
 ) -> Path:
     """Write config, random weights, tokenizer and generation config for ``config`` into ``folder``.
 
@@ -353,14 +440,21 @@ def write_model_folder(
         config: A config from ``hf_config`` or ``llama_1b_config``.
         seed: Seed of the weights.
         max_shard_bytes: Largest safetensors shard in bytes.
+        shapes: The tensors to write; the config's architecture's table when None.
+        norm_offset: What the norms add to their weights; the architecture's when None.
 
     Returns:
         ``folder``.
     """
+    from mlxedge.archs import arch_for
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     _write_json(folder / "config.json", config)
-    _write_weights(folder, hf_tensor_shapes(config), config["torch_dtype"], seed, max_shard_bytes)
+    if norm_offset is None:
+        norm_offset = arch_for(config).spec.norm_offset
+    _write_weights(folder, hf_tensor_shapes(config) if shapes is None else shapes,
+                   config["torch_dtype"], seed, max_shard_bytes, norm_offset)  # fmt: skip
     _write_tokenizer(folder)
     _write_json(
         folder / "generation_config.json",
@@ -379,13 +473,15 @@ def _write_json(path: Path, obj: dict[str, Any]) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
-def _random_tensor(rng: np.random.Generator, name: str, shape: tuple[int, ...]) -> np.ndarray:
-    """Draw one tensor: norms near 1 (as trained models have), everything else N(0, 0.02²)."""
+def _random_tensor(rng: np.random.Generator, name: str, shape: tuple[int, ...],
+                   norm_offset: float = 0.0) -> np.ndarray:  # fmt: skip
+    """Draw one tensor: norms scaling by about 1 (as trained models have: w near 1, or near 0
+    where the norm scales by 1 + w), everything else N(0, 0.02²)."""
     # float32 draws are about twice as fast as float64 ones and are all the 1B model needs.
     x = rng.standard_normal(shape, dtype=np.float32)
     x *= WEIGHT_STD
     if name.endswith("norm.weight"):
-        x += 1.0
+        x += 1.0 - norm_offset
     return x
 
 
@@ -411,6 +507,7 @@ def _write_weights(
     dtype: str,
     seed: int,
     max_shard_bytes: int,
+    norm_offset: float = 0.0,
 ) -> None:
     """Generate and write tensors shard by shard, holding at most one shard in memory."""
     mx_dtype = _MX_DTYPES[dtype]
@@ -421,14 +518,16 @@ def _write_weights(
     metadata = {"format": "pt"}
     if len(shards) == 1:
         mx.save_safetensors(
-            str(folder / "model.safetensors"), dict(_generate(rng, shapes, mx_dtype)), metadata
+            str(folder / "model.safetensors"),
+            dict(_generate(rng, shapes, mx_dtype, norm_offset)),
+            metadata,
         )
         return
 
     weight_map: dict[str, str] = {}
     for k, names in enumerate(shards, start=1):
         filename = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-        shard = dict(_generate(rng, {n: shapes[n] for n in names}, mx_dtype))
+        shard = dict(_generate(rng, {n: shapes[n] for n in names}, mx_dtype, norm_offset))
         mx.save_safetensors(str(folder / filename), shard, metadata)
         del shard
         weight_map |= dict.fromkeys(names, filename)
@@ -440,10 +539,13 @@ def _write_weights(
 
 
 def _generate(
-    rng: np.random.Generator, shapes: dict[str, tuple[int, ...]], mx_dtype: mx.Dtype
+    rng: np.random.Generator,
+    shapes: dict[str, tuple[int, ...]],
+    mx_dtype: mx.Dtype,
+    norm_offset: float = 0.0,
 ) -> Iterator[tuple[str, mx.array]]:
     for name, shape in shapes.items():
-        x = mx.array(_random_tensor(rng, name, shape)).astype(mx_dtype)
+        x = mx.array(_random_tensor(rng, name, shape, norm_offset)).astype(mx_dtype)
         # Evaluate now so the float32 copy is freed before the next tensor is drawn.
         mx.eval(x)
         yield name, x

@@ -9,6 +9,9 @@ against `archs.ops.Ops`. Nothing outside this package branches on a model type.
 from __future__ import annotations
 
 from ..errors import MlxedgeError
+from . import gemma3
+from .gemma2 import Gemma2
+from .gemma3 import Gemma3Text
 from .granite import Granite
 from .llama import Llama
 from .mistral import Mistral
@@ -21,11 +24,16 @@ from .spec import Kind, ModelSpec, Role, TensorEntry
 Architecture = Llama  # every architecture module's class refines the llama decoder
 
 ARCHITECTURES: dict[str, type[Architecture]] = {
-    cls.model_type: cls for cls in (Llama, Mistral, Qwen2, Qwen3, Granite, Olmo2)
+    cls.model_type: cls
+    for cls in (Llama, Mistral, Qwen2, Qwen3, Granite, Olmo2, Gemma2, Gemma3Text)
 }
+# model types that wrap one of the above (a multimodal checkpoint's language model): how to read
+# one as the model it holds, (config, weights, where) -> (config, weights)
+WRAPPERS = {"gemma3": gemma3.unwrap}
 # A GGUF file's `general.architecture` -> the class it imports as (a Mistral file says "llama").
 GGUF_ARCHITECTURES: dict[str, type[Architecture]] = {
-    cls.gguf_arch_name_of(): cls for cls in (Llama, Qwen2, Qwen3, Granite, Olmo2)
+    cls.gguf_arch_name_of(): cls
+    for cls in (Llama, Qwen2, Qwen3, Granite, Olmo2, Gemma2, Gemma3Text)
 }
 
 
@@ -44,9 +52,19 @@ def arch_for(config: dict, where: str = "config.json") -> Architecture:
         raise MlxedgeError(
             f"model_type {model_type!r} is not supported",
             path=where,
-            fix=f"supported model types: {', '.join(sorted(ARCHITECTURES))}",
+            fix=f"supported model types: {', '.join(sorted([*ARCHITECTURES, *WRAPPERS]))}",
         )
     return ARCHITECTURES[model_type](config, where)
+
+
+def unwrap(config: dict, weights, where: str = "config.json"):
+    """A wrapper checkpoint (`WRAPPERS`) as the model it holds; any other as it is.
+
+    Returns:
+        (config, weights): the config and the tensors of the model to read.
+    """
+    wrapper = WRAPPERS.get(config.get("model_type")) if isinstance(config, dict) else None
+    return (config, weights) if wrapper is None else wrapper(config, weights, where)
 
 
 def arch_for_gguf(name: str, path) -> type[Architecture]:
@@ -76,4 +94,5 @@ __all__ = [
     "TensorEntry",
     "arch_for",
     "arch_for_gguf",
+    "unwrap",
 ]

@@ -147,6 +147,9 @@ class Llama:
 
     # A norm before attention (input_layernorm); OLMo 2 normalizes the outputs instead.
     _pre_norms: ClassVar[bool] = True
+    # Trained activations overflow float16 (Gemma's residual stream): an executor computing in
+    # float16 keeps the residual stream in float32.
+    float32_residual: ClassVar[bool] = False
 
     def _qk_norm(self) -> bool:
         return False
@@ -166,9 +169,7 @@ class Llama:
                                fix="use the model's original config.json")  # fmt: skip
         n_layers = self._int("num_hidden_layers")
         qkv_bias, o_bias, mlp_bias = self._biases()
-        act = self.config.get("hidden_act", "silu")
-        if act != "silu":
-            raise MlxedgeError(f"hidden_act {act!r} is not supported (silu is)", path=self.where)
+        activation = self._activation()
         scaling = self.config.get("rope_scaling") or None
         if scaling is not None and not isinstance(scaling, dict):
             raise self._bad("rope_scaling", scaling, "not an object")
@@ -191,7 +192,15 @@ class Llama:
             o_bias=o_bias,
             mlp_bias=mlp_bias,
             qk_norm=self._qk_norm(),
+            activation=activation,
         )
+
+    def _activation(self) -> str:
+        """The MLP's gate activation, as `ModelSpec.activation` names it."""
+        act = self.config.get("hidden_act", "silu")
+        if act != "silu":
+            raise MlxedgeError(f"hidden_act {act!r} is not supported (silu is)", path=self.where)
+        return "silu"
 
     @property
     def tied(self) -> bool:
@@ -294,9 +303,20 @@ class Llama:
         return ops.add(x, branch if m == 1.0 else ops.scale(branch, m))
 
     def context(self, ops: Ops, positions: Value) -> dict:
-        """What every block needs from the positions: rotary tables and one mask per window."""
-        masks = {w: ops.causal_mask(positions, w) for w in sorted(set(self.spec.windows), key=str)}
-        return {"rope": ops.rope_tables(positions, self.spec.inv_freq()), "masks": masks}
+        """What every block needs from the positions: rotary tables (one more where sliding
+        layers have a rotary base of their own) and one mask per window."""
+        s = self.spec
+        masks = {w: ops.causal_mask(positions, w) for w in sorted(set(s.windows), key=str)}
+        rope = {"global": ops.rope_tables(positions, s.inv_freq())}
+        local = [i for i, w in enumerate(s.windows) if w]
+        if s.local_rope_theta is not None and local:
+            rope["local"] = ops.rope_tables(positions, s.inv_freq(local[0]))
+        return {"rope": rope, "masks": masks}
+
+    def rope_of(self, context: dict, i: int) -> Value:
+        """Block `i`'s rotary tables."""
+        local = self.spec.local_rope_theta is not None and self.spec.windows[i]
+        return context["rope"]["local" if local else "global"]
 
     def block(self, ops: Ops, i: int, x: Value, context: dict) -> Value:
         """Decoder block `i`: attention, then the MLP, each around a residual."""
@@ -314,7 +334,8 @@ class Llama:
         if s.qk_norm:
             q = ops.rms_norm(q, p + "self_attn.q_norm.weight", s.rms_norm_eps)
             k = ops.rms_norm(k, p + "self_attn.k_norm.weight", s.rms_norm_eps)
-        q, k = ops.rope(q, context["rope"]), ops.rope(k, context["rope"])
+        rope = self.rope_of(context, i)
+        q, k = ops.rope(q, rope), ops.rope(k, rope)
         mask = context["masks"][s.windows[i]]
         attended = ops.attention(i, q, k, v, mask, s.attention_scale)  # (heads, tokens, dim)
         x = self.residual(ops, x, ops.linear(ops.merge_heads(attended), p + "self_attn.o_proj",

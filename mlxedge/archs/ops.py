@@ -33,8 +33,8 @@ class Ops(Protocol):
         """x @ W.T (+ b) with the module's `.weight` (out, in) and, when `bias`, its `.bias`."""
         ...
 
-    def rms_norm(self, x: Value, weight: str, eps: float) -> Value:
-        """RMSNorm over the last axis, scaled by the named weight."""
+    def rms_norm(self, x: Value, weight: str, eps: float, offset: float = 0.0) -> Value:
+        """RMSNorm over the last axis, scaled by offset + the named weight (Gemma's 1 + w)."""
         ...
 
     def split_heads(self, x: Value, n_heads: int, head_dim: int) -> Value:
@@ -59,13 +59,29 @@ class Ops(Protocol):
         ...
 
     def attention(
-        self, layer: int, q: Value, k: Value, v: Value, mask: Value, scale: float
+        self,
+        layer: int,
+        q: Value,
+        k: Value,
+        v: Value,
+        mask: Value,
+        scale: float,
+        soft_cap: float | None = None,
     ) -> Value:
-        """softmax(q k^T * scale + mask) v, KV heads shared by groups of query heads; block
-        `layer`'s cache (where the executor keeps one) is read and written here."""
+        """softmax(s + mask) v with s = q k^T * scale, or cap * tanh(s / cap) when `soft_cap`
+        is a cap (Gemma 2); KV heads shared by groups of query heads; block `layer`'s cache
+        (where the executor keeps one) is read and written here."""
         ...
 
     def silu(self, x: Value) -> Value: ...
+
+    def gelu_tanh(self, x: Value) -> Value:
+        """GeLU's tanh approximation, 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))."""
+        ...
+
+    def soft_cap(self, x: Value, cap: float) -> Value:
+        """cap * tanh(x / cap): x squashed into (-cap, cap)."""
+        ...
 
     def mul(self, a: Value, b: Value) -> Value: ...
 

@@ -63,6 +63,8 @@ class TensorEntry:
         gguf_name: its name in a GGUF file, "blk.0.attn_q.weight".
         gguf_heads: rows are stored permuted for llama.cpp's rotary in groups of this many heads
             (llama's q and k projections), else None.
+        gguf_offset: added to the values in a GGUF file (Gemma's norms, which compute with 1 + w
+            and are stored as 1 + w the way llama.cpp's converter writes them), else 0.
     """
 
     name: str
@@ -72,6 +74,7 @@ class TensorEntry:
     layer: int | None
     gguf_name: str
     gguf_heads: int | None = None
+    gguf_offset: float = 0.0
 
     @property
     def module(self) -> str:
@@ -80,12 +83,17 @@ class TensorEntry:
 
     def to_gguf(self, values: np.ndarray) -> np.ndarray:
         """Values in the row order a GGUF file stores (llama's q/k: each head's halves as pairs)."""
+        if self.gguf_offset:
+            values = values + np.float32(self.gguf_offset)
         if self.gguf_heads is None:
             return values
         return _permute(values, self.gguf_heads, to_pairs=True)
 
     def from_gguf(self, values: np.ndarray) -> np.ndarray:
-        """The inverse of `to_gguf`: values read from a GGUF file in Hugging Face's row order."""
+        """The inverse of `to_gguf`: values read from a GGUF file in Hugging Face's row order.
+        An offset makes it one float32 rounding off (|error| <= 2^-24 * |w + offset|)."""
+        if self.gguf_offset:
+            values = values - np.float32(self.gguf_offset)
         if self.gguf_heads is None:
             return values
         return _permute(values, self.gguf_heads, to_pairs=False)
@@ -120,12 +128,17 @@ class ModelSpec:
         tied: the output head is the token embedding.
         windows: per block, the sliding attention window in tokens, or None for full attention.
         qkv_bias, o_bias, mlp_bias: which projections carry biases.
-        qk_norm: per-head RMSNorms on queries and keys (Qwen3).
-        activation: the MLP's gate activation ("silu").
+        qk_norm: per-head RMSNorms on queries and keys (Qwen3, Gemma 3).
+        norm_offset: RMSNorms scale by offset + w (Gemma's 1 + w; 0 elsewhere).
+        activation: the MLP's gate activation ("silu", or Gemma's "gelu_tanh").
         embedding_multiplier, residual_multiplier: scale the embeddings and each residual branch
             (Granite; 1 elsewhere).
         attention_multiplier: the attention's scale in place of 1/sqrt(head_dim) (Granite).
         logits_scaling: the logits are divided by it (Granite).
+        attn_softcap, final_softcap: attention scores and logits soft-capped as
+            cap * tanh(x / cap) (Gemma 2), or None.
+        local_rope_theta: the rotary base of sliding-window layers, which then take no rope
+            scaling (Gemma 3's `rope_local_base_freq`); None: every layer uses `rope_theta`.
     """
 
     model_type: str
@@ -151,9 +164,16 @@ class ModelSpec:
     residual_multiplier: float = 1.0
     attention_multiplier: float | None = None
     logits_scaling: float = 1.0
+    norm_offset: float = 0.0
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    local_rope_theta: float | None = None
 
-    def inv_freq(self) -> np.ndarray:
-        """The rotary embedding's inverse frequencies (head_dim / 2,), float32, scaling applied."""
+    def inv_freq(self, layer: int | None = None) -> np.ndarray:
+        """The rotary embedding's inverse frequencies (head_dim / 2,), float32, scaling applied;
+        those of block `layer` where sliding layers have a base of their own."""
+        if layer is not None and self.local_rope_theta is not None and self.windows[layer]:
+            return rope_inv_freq(self.local_rope_theta, None, self.head_dim)
         return rope_inv_freq(self.rope_theta, self.rope_scaling, self.head_dim)
 
     @property

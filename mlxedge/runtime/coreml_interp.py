@@ -214,6 +214,17 @@ def _sdpa(query, key, value, attn_mask=None):
     return _softmax(scores) @ v
 
 
+def _gelu(x, mode="EXACT"):
+    v = np.asarray(x, np.float32)
+    if str(mode) != "TANH_APPROXIMATION":
+        raise MlxedgeError(f"gelu mode {mode} is not implemented by the interpreter")
+    return 0.5 * v * (1.0 + np.tanh(np.float32(np.sqrt(2 / np.pi)) * (v + 0.044715 * v**3)))
+
+
+def _softmax_axis(x: np.ndarray, axis: int) -> np.ndarray:
+    return np.moveaxis(_softmax(np.moveaxis(x, axis, -1).copy()), -1, axis)
+
+
 def _reduce(fn):
     def run(x, axes=None, keep_dims=False):
         axes = None if axes is None else tuple(int(a) for a in np.atleast_1d(axes))
@@ -301,6 +312,9 @@ _OPS: dict[str, Callable] = {
     "cos": lambda x: np.cos(np.asarray(x, np.float32)),
     "sin": lambda x: np.sin(np.asarray(x, np.float32)),
     "silu": lambda x: (lambda v: v / (1.0 + np.exp(-v)))(np.asarray(x, np.float32)),
+    "tanh": lambda x: np.tanh(np.asarray(x, np.float32)),
+    "gelu": _gelu,
+    "softmax": lambda x, axis=-1: _softmax_axis(np.asarray(x, np.float32), int(axis)),
     "reduce_mean": _reduce(np.mean),
     "reduce_max": _reduce(np.max),
     "reduce_sum": _reduce(np.sum),

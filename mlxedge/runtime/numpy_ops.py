@@ -30,9 +30,10 @@ class NumpyOps:
             y += self.params[module + ".bias"]
         return y
 
-    def rms_norm(self, x: np.ndarray, weight: str, eps: float) -> np.ndarray:
+    def rms_norm(self, x: np.ndarray, weight: str, eps: float, offset: float = 0.0) -> np.ndarray:
         scale = 1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + np.float32(eps))
-        return (x * scale.astype(np.float32)) * self.params[weight]
+        w = self.params[weight]
+        return (x * scale.astype(np.float32)) * (w + np.float32(offset) if offset else w)
 
     def split_heads(self, x: np.ndarray, n_heads: int, head_dim: int) -> np.ndarray:
         return x.reshape(x.shape[0], n_heads, head_dim).transpose(1, 0, 2)  # (H, L, D)
@@ -58,13 +59,15 @@ class NumpyOps:
             blocked |= positions[None, :] <= positions[:, None] - window
         return np.where(blocked, np.float32(-np.inf), np.float32(0))
 
-    def attention(self, layer, q, k, v, mask, scale: float) -> np.ndarray:
+    def attention(self, layer, q, k, v, mask, scale: float, soft_cap=None) -> np.ndarray:
         n_heads, length, head_dim = q.shape
         n_kv = k.shape[0]
         group = n_heads // n_kv
         q = q.reshape(n_kv, group * length, head_dim)  # heads sharing a KV head together
         scores = (q @ k.transpose(0, 2, 1)).reshape(n_kv, group, length, -1)
         scores *= np.float32(scale)
+        if soft_cap is not None:
+            scores = self.soft_cap(scores, soft_cap)
         scores += mask
         scores -= scores.max(axis=-1, keepdims=True)
         np.exp(scores, out=scores)
@@ -74,6 +77,13 @@ class NumpyOps:
 
     def silu(self, x: np.ndarray) -> np.ndarray:
         return x / (1.0 + np.exp(-x))
+
+    def gelu_tanh(self, x: np.ndarray) -> np.ndarray:
+        inner = np.float32(np.sqrt(2 / np.pi)) * (x + np.float32(0.044715) * x * x * x)
+        return np.float32(0.5) * x * (np.float32(1) + np.tanh(inner))
+
+    def soft_cap(self, x: np.ndarray, cap: float) -> np.ndarray:
+        return np.tanh(x / np.float32(cap)) * np.float32(cap)
 
     def mul(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return a * b

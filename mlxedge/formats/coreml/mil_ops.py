@@ -17,7 +17,10 @@ executor adds is what Core ML needs around it (see ../shared facts on Core ML):
   quantized tensors (`blockwise.py`), float16 otherwise; a tied head reuses the embedding's.
 
 The graph is built in float32 (states and block-wise weights are float16 and cast at the
-boundary); the converter's float16 pass then makes every op float16, as the target computes.
+boundary); the converter's float16 pass then makes every op float16, as the target computes —
+except, for an architecture whose activations overflow float16 (Gemma's residual stream reaches
+1e5), the residual stream: embedding scale, norms and residual adds are named with `FLOAT32`
+and the pass leaves them in float32 (`program.convert_program`).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from typing import Any
 import numpy as np
 
 MASKED = -30000.0  # additive mask value: below any float16 score, and finite
+FLOAT32 = "fp32_"  # the name prefix of ops the float16 pass must leave in float32
 
 
 class MILOps:
@@ -40,11 +44,15 @@ class MILOps:
         begin, end: int32 scalars, the first and one-past-last cache slot of this call's tokens.
         context: the cache length (the states' fourth dimension).
         n_kv_heads, head_dim: the cache's geometry.
+        float32_residual: keep the residual stream in float32 (see the module's doc).
     """
 
     def __init__(self, mb, weight: Callable[[str], Any], key_cache, value_cache, begin, end,
-                 context: int, n_kv_heads: int, head_dim: int) -> None:  # fmt: skip
+                 context: int, n_kv_heads: int, head_dim: int,
+                 float32_residual: bool = False) -> None:  # fmt: skip
         self.mb = mb
+        self.float32_residual = float32_residual
+        self._named = 0  # ops named so far (names must be unique in a program)
         self.weight = weight
         self.begin, self.end = begin, end
         self.context, self.n_kv, self.head_dim = context, n_kv_heads, head_dim
@@ -66,6 +74,13 @@ class MILOps:
         ]  # fmt: skip
         return mb.concat(values=values, axis=0)
 
+    def _f32(self, op: str, **inputs):
+        """`mb.<op>(**inputs)`, named to stay in float32 when the residual stream does."""
+        if self.float32_residual:
+            self._named += 1
+            inputs["name"] = f"{FLOAT32}{op}_{self._named}"
+        return getattr(self.mb, op)(**inputs)
+
     # ---------------------------------------------------------------------------------- Ops
 
     def embedding(self, table: str, ids):
@@ -77,18 +92,26 @@ class MILOps:
             return self.mb.linear(x=x, weight=self.weight(module + ".weight"))
         return self.mb.linear(x=x, weight=self.weight(module + ".weight"), bias=b)
 
-    def rms_norm(self, x, weight: str, eps: float):
+    def rms_norm(self, x, weight: str, eps: float, offset: float = 0.0):
         # x / sqrt(mean(x^2) + eps) without forming x^2 in float16, which overflows once |x| > 256
         # (SmolLM2's residual stream does): the L2 norm stays in range, and
         # 1 / sqrt(r^2 + eps) = rsqrt(1 + (sqrt(eps) / r)^2) / r for r = |x| / sqrt(d).
-        mb = self.mb
+        f32 = self._f32
         d = x.shape[-1]
         root_eps = float(np.sqrt(eps))
-        r = mb.mul(x=mb.reduce_l2_norm(x=x, axes=[-1], keep_dims=True), y=float(1 / np.sqrt(d)))
-        r = mb.maximum(x=r, y=root_eps / 16)  # an all-zero row stays zero, not NaN
-        ratio = mb.real_div(x=root_eps, y=r)
-        inv = mb.real_div(x=mb.rsqrt(x=mb.add(x=mb.mul(x=ratio, y=ratio), y=1.0)), y=r)
-        return mb.mul(x=mb.mul(x=x, y=inv), y=self.weight(weight))
+        r = f32("mul", x=f32("reduce_l2_norm", x=x, axes=[-1], keep_dims=True),
+                y=float(1 / np.sqrt(d)))  # fmt: skip
+        r = f32("maximum", x=r, y=root_eps / 16)  # an all-zero row stays zero, not NaN
+        ratio = f32("real_div", x=root_eps, y=r)
+        inv = f32("real_div", x=f32("rsqrt", x=f32("add", x=f32("mul", x=ratio, y=ratio),
+                                                     y=1.0)), y=r)  # fmt: skip
+        normed = f32("mul", x=x, y=inv)
+        scaled = f32("mul", x=normed, y=self.weight(weight))
+        if not offset:
+            return scaled
+        # n * (offset + w) as n * w + offset * n: an offset added to the weight constant would be
+        # folded into a new constant, and the package's weights are read back by their names
+        return f32("add", x=scaled, y=normed if offset == 1 else f32("mul", x=normed, y=offset))
 
     def split_heads(self, x, n_heads: int, head_dim: int):
         mb = self.mb
@@ -105,8 +128,10 @@ class MILOps:
         cos = np.concatenate([np.cos(angles)] * 2, axis=-1).astype(np.float16).astype(np.float32)
         sin = np.concatenate([np.sin(angles)] * 2, axis=-1).astype(np.float16).astype(np.float32)
         mb = self.mb
-        cos = mb.gather(x=mb.const(val=cos, name="rope_cos"), indices=positions, axis=0)
-        sin = mb.gather(x=mb.const(val=sin, name="rope_sin"), indices=positions, axis=0)
+        self._named += 1  # a second table (Gemma 3's sliding layers) needs names of its own
+        tag = "" if self._named == 1 else f"_{self._named}"
+        cos = mb.gather(x=mb.const(val=cos, name="rope_cos" + tag), indices=positions, axis=0)
+        sin = mb.gather(x=mb.const(val=sin, name="rope_sin" + tag), indices=positions, axis=0)
         return cos, sin
 
     def rope(self, x, tables):
@@ -150,7 +175,7 @@ class MILOps:
         read = mb.cast(x=mb.reshape(x=read, shape=[self.n_kv, -1, self.head_dim]), dtype="fp32")
         return written, read
 
-    def attention(self, layer: int, q, k, v, mask, scale: float):
+    def attention(self, layer: int, q, k, v, mask, scale: float, soft_cap=None):
         mb = self.mb
         self.keys, keys = self._write(self.keys, layer, k)
         self.keys = mb.coreml_update_state(state=self.key_state, value=self.keys)
@@ -170,23 +195,34 @@ class MILOps:
                 )  # fmt: skip
                 for t in (keys, values)
             )
+        bias = mb.add(x=mask, y=self.unwritten)
+        if soft_cap is not None:  # capped scores: the fused op cannot hold the tanh
+            scores = mb.matmul(x=mb.mul(x=q, y=float(scale)), y=keys, transpose_y=True)
+            scores = mb.add(x=self.soft_cap(scores, soft_cap), y=bias)
+            return mb.matmul(x=mb.softmax(x=scores, axis=-1), y=values)
         natural = 1.0 / np.sqrt(self.head_dim)  # the op's own, fixed scale
         if abs(scale - natural) > 1e-12 * natural:
             q = mb.mul(x=q, y=float(scale / natural))
-        bias = mb.add(x=mask, y=self.unwritten)
         return mb.scaled_dot_product_attention(query=q, key=keys, value=values, attn_mask=bias)
 
     def silu(self, x):
         return self.mb.silu(x=x)
 
+    def gelu_tanh(self, x):
+        return self.mb.gelu(x=x, mode="TANH_APPROXIMATION")
+
+    def soft_cap(self, x, cap: float):
+        mb = self.mb
+        return mb.mul(x=mb.tanh(x=mb.mul(x=x, y=float(1 / cap))), y=float(cap))
+
     def mul(self, a, b):
         return self.mb.mul(x=a, y=b)
 
     def scale(self, x, factor: float):
-        return self.mb.mul(x=x, y=np.float32(factor))
+        return self._f32("mul", x=x, y=np.float32(factor))
 
     def add(self, a, b):
-        return self.mb.add(x=a, y=b)
+        return self._f32("add", x=a, y=b)
 
     def tail(self, x, first: int):
         if first == 0:

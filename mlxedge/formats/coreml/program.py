@@ -17,7 +17,7 @@ import numpy as np
 from ...archs import Architecture
 from ...quant.schemes import QuantizedTensor
 from .blockwise import NotRepresentable, to_blockwise
-from .mil_ops import MILOps
+from .mil_ops import FLOAT32, MILOps
 
 INPUT_IDS, CAUSAL_MASK, KEY_CACHE, VALUE_CACHE, LOGITS = (
     "inputIds", "causalMask", "keyCache", "valueCache", "logits",
@@ -89,7 +89,7 @@ def build_program(arch: Architecture, weights: WeightSource, context: int, ops_c
                                 squeeze_mask=[True])  # fmt: skip
         begin = mb.sub(x=end, y=n)
         ops = ops_class(mb, weight, keyCache, valueCache, begin, end, context, s.n_kv_heads,
-                     s.head_dim)  # fmt: skip
+                        s.head_dim, float32_residual=arch.float32_residual)  # fmt: skip
         ids = mb.reshape(x=inputIds, shape=[-1])
         positions = mb.range_1d(start=begin, end=end, step=1)
         logits = arch.forward(ops, ids, positions)  # (tokens, vocab)
@@ -99,7 +99,8 @@ def build_program(arch: Architecture, weights: WeightSource, context: int, ops_c
 
 
 def convert_program(program, context: int):
-    """The `MLModel` of a program: ML program, iOS 18, float16 compute, the interface's ranges."""
+    """The `MLModel` of a program: ML program, iOS 18, float16 compute (the residual stream
+    float32 where the executor asked for it), the interface's ranges."""
     import coremltools as ct
 
     dims = (1, 1, ct.RangeDim(1, context, default=1), ct.RangeDim(1, context, default=1))
@@ -126,7 +127,11 @@ def _convert(ct, program, context: int, dims):
         program,
         convert_to="mlprogram",
         minimum_deployment_target=ct.target.iOS18,
-        compute_precision=ct.precision.FLOAT16,
+        # float16 everywhere but the ops the executor named to stay float32 (none, or the
+        # residual stream of an architecture whose activations overflow float16)
+        compute_precision=ct.transform.FP16ComputePrecision(
+            op_selector=lambda op: not op.name.startswith(FLOAT32)
+        ),
         skip_model_load=True,
         inputs=[
             ct.TensorType(
