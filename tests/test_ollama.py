@@ -47,6 +47,42 @@ MISTRAL_LIKE = (
     " [/INST]{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
 )
 
+# Gemma 2 refuses system messages; Gemma 3 folds one into the first user turn.
+GEMMA2 = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
+    "{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% endif %}{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}"
+    "{% set role = message['role'] %}{% endif %}{{ '<start_of_turn>' + role + '\n' + "
+    "message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}"
+    "{{'<start_of_turn>model\n'}}{% endif %}"
+)
+GEMMA3 = (
+    "{{ bos_token }}\n{%- if messages[0]['role'] == 'system' -%}\n"
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}\n"
+    "{%- set loop_messages = messages[1:] -%}\n{%- else -%}\n"
+    '{%- set first_user_prefix = "" -%}\n{%- set loop_messages = messages -%}\n{%- endif -%}\n'
+    "{%- for message in loop_messages -%}\n"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\n"
+    '{{ raise_exception("Conversation roles must alternate user/assistant/...") }}\n'
+    "{%- endif -%}\n{%- if (message['role'] == 'assistant') -%}\n{%- set role = \"model\" -%}\n"
+    "{%- else -%}\n{%- set role = message['role'] -%}\n{%- endif -%}\n"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else \"\") }}\n"
+    "{%- if message['content'] is string -%}\n{{ message['content'] | trim }}\n{%- endif -%}\n"
+    "{{ '<end_of_turn>\n' }}\n{%- endfor -%}\n{%- if add_generation_prompt -%}\n"
+    "{{'<start_of_turn>model\n'}}\n{%- endif -%}\n"
+)
+GEMMA_CONFIG = {"bos_token": "<bos>", "eos_token": "<eos>"}
+PHI3 = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\n' + "
+    "message['content'] + '<|end|>\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\n' + "
+    "message['content'] + '<|end|>\n'}}{% elif message['role'] == 'assistant' %}"
+    "{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+PHI3_CONFIG = {"bos_token": "<s>", "eos_token": "<|endoftext|>", "chat_template": PHI3}
+
 CONVERSATIONS = [
     [{"role": "user", "content": "Hello"}],
     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}],
@@ -92,7 +128,9 @@ _ACTION = re.compile(r"\{\{(-?)\s*(.*?)\s*(-?)\}\}", re.S)
 
 
 def go_render(template: str, data: dict) -> str:
-    """Go text/template, the subset our templates use."""
+    """Go text/template, the subset our templates use: text, fields (`.Role`, `$.System`),
+    variables (`$v := x`, `$v = x`, shared with enclosed blocks as in Go), `eq` / `ne`, and
+    `if` / `else` / `range` blocks, a block not taken never run."""
     tokens, pos = [], 0
     for m in _ACTION.finditer(template):
         text = template[pos : m.start()]
@@ -112,51 +150,67 @@ def go_render(template: str, data: dict) -> str:
         tail = tail.lstrip()
     tokens.append(("text", tail))
 
-    def value(expr: str, dot):
-        if expr.startswith("ne "):
-            a, b = expr[3:].split(" ", 1)
-            return value(a, dot) != json.loads(b)
-        assert expr.startswith("."), expr
-        return dot.get(expr[1:]) if isinstance(dot, dict) else None
-
-    def run(i: int, dot, out: list[str]) -> int:
+    def parse(i: int) -> tuple[list, int, str | None]:
+        """The nodes from token i to the `end` / `else` that closes them."""
+        nodes: list = []
         while i < len(tokens):
             kind, body = tokens[i]
             if kind == "text":
-                out.append(body)
+                nodes.append(("text", body))
             elif body.startswith("if "):
-                sub: list[str] = []
-                i = run(i + 1, dot, sub)
-                if value(body[3:], dot):
-                    out.extend(sub)
+                then, i, closed = parse(i + 1)
+                other: list = []
+                if closed == "else":
+                    other, i, closed = parse(i + 1)
+                assert closed == "end", body
+                nodes.append(("if", body[3:], then, other))
             elif body.startswith("range "):
-                end = i
-                for item in value(body[6:], dot) or []:
-                    sub = []
-                    end = run(i + 1, item, sub)
-                    out.extend(sub)
-                i = end if end != i else _skip(i + 1)
-            elif body == "end":
-                return i
+                inner, i, closed = parse(i + 1)
+                assert closed == "end", body
+                nodes.append(("range", body[6:], inner))
+            elif body in ("end", "else"):
+                return nodes, i, body
             else:
-                out.append(str(value(body, dot)))
+                nodes.append(("action", body))
             i += 1
-        return i
+        return nodes, i, None
 
-    def _skip(i: int) -> int:
-        depth = 0
-        while True:
-            kind, body = tokens[i]
-            if kind == "action" and body.startswith(("if ", "range ")):
-                depth += 1
-            elif kind == "action" and body == "end":
-                if depth == 0:
-                    return i
-                depth -= 1
-            i += 1
+    variables: dict = {}
 
+    def value(expr: str, dot):
+        for op in ("eq ", "ne "):
+            if expr.startswith(op):
+                a, b = expr[3:].split(" ", 1)
+                return (value(a, dot) == value(b, dot)) is (op == "eq ")
+        if expr.startswith('"'):
+            return json.loads(expr)
+        if expr in ("true", "false"):
+            return expr == "true"
+        if expr.startswith("$."):
+            return data.get(expr[2:])
+        if expr.startswith("$"):
+            return variables[expr[1:]]
+        assert expr.startswith("."), expr
+        return dot.get(expr[1:]) if isinstance(dot, dict) else None
+
+    def execute(nodes: list, dot, out: list[str]) -> None:
+        for node in nodes:
+            if node[0] == "text":
+                out.append(node[1])
+            elif node[0] == "if":
+                execute(node[2] if value(node[1], dot) else node[3], dot, out)
+            elif node[0] == "range":
+                for item in value(node[1], dot) or []:
+                    execute(node[2], item, out)
+            elif assign := re.fullmatch(r"\$(\w+)\s*:?=\s*(.+)", node[1]):
+                variables[assign.group(1)] = value(assign.group(2), dot)
+            else:
+                out.append(str(value(node[1], dot)))
+
+    nodes, _, closed = parse(0)
+    assert closed is None, "an end without a block"
     out: list[str] = []
-    run(0, data, out)
+    execute(nodes, data, out)
     return "".join(out)
 
 
@@ -168,19 +222,40 @@ def ollama_prompt(modelfile: dict, messages: list[dict]) -> str:
 
 
 @pytest.mark.parametrize(
-    "name, config, adds_bos",
-    [("smollm2", None, False), ("llama3", LLAMA3_CONFIG, True)],
+    "name, config, adds_bos, family",
+    [
+        ("smollm2", None, False, "ChatML"),
+        ("llama3", LLAMA3_CONFIG, True, "Llama 3"),
+        ("gemma2", GEMMA_CONFIG | {"chat_template": GEMMA2}, True, "Gemma"),
+        ("gemma3", GEMMA_CONFIG | {"chat_template": GEMMA3}, True, "Gemma"),
+        ("phi3", PHI3_CONFIG, False, "Phi-3"),
+    ],
 )
-def test_recognised_templates_render_like_the_model_s_own(name, config, adds_bos):
+def test_recognised_templates_render_like_the_model_s_own(name, config, adds_bos, family):
+    from mlxedge.formats.gguf.ollama import recognise
+
     config = config or resolve("smollm2").tokenizer.config
+    assert recognise(config["chat_template"], config, adds_bos).family.name == family
     text, warnings = modelfile_text("m.gguf", config, adds_bos)
     assert not warnings
     parsed = dict(parse_modelfile(text))
     assert parsed["FROM"] == "./m.gguf"
     bos = config["bos_token"] if adds_bos else ""
     for conv in CONVERSATIONS:
+        if name == "gemma2" and conv[0]["role"] == "system":
+            continue  # its template refuses them
         theirs = _jinja_render(config["chat_template"], conv, config)
         assert bos + ollama_prompt(parsed, conv) == theirs
+
+
+def test_the_go_interpreter_runs_only_the_branch_taken():
+    """The checks above are only as good as the interpreter: a variable set in an untaken
+    branch, or an else never run, would show here."""
+    template = ('{{ $n := "a" }}{{ range .Messages }}{{ if eq .Role "user" }}U{{ $n = "b" }}'
+                "{{ else }}O{{ end }}{{ end }}{{ $n }}{{ if $.System }}S{{ end }}")  # fmt: skip
+    messages = [{"Role": "system"}, {"Role": "user"}]
+    assert go_render(template, {"Messages": messages, "System": ""}) == "OUb"
+    assert go_render(template, {"Messages": messages[:1], "System": "x"}) == "OaS"
 
 
 def test_smollm2_modelfile_keeps_the_default_system_prompt_and_stops():

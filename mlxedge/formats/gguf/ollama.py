@@ -51,6 +51,23 @@ def _llama3(conv: Conversation) -> str:
     return turns + head.format("assistant")
 
 
+def _gemma(conv: Conversation) -> str:
+    # Gemma 3's template: a system message opens the first user turn; the assistant is "model".
+    # (Gemma 2's refuses system messages, and otherwise renders the same.)
+    system = conv[0]["content"] + "\n\n" if conv and conv[0]["role"] == "system" else ""
+    turns = conv[1:] if system else conv
+    out = []
+    for i, m in enumerate(turns):
+        role = "model" if m["role"] == "assistant" else m["role"]
+        prefix = system if i == 0 else ""
+        out.append(f"<start_of_turn>{role}\n{prefix}{m['content']}<end_of_turn>\n")
+    return "".join(out) + "<start_of_turn>model\n"
+
+
+def _phi3(conv: Conversation) -> str:
+    return "".join(f"<|{m['role']}|>\n{m['content']}<|end|>\n" for m in conv) + "<|assistant|>\n"
+
+
 FAMILIES = (
     ChatFamily(
         "ChatML",
@@ -69,6 +86,23 @@ FAMILIES = (
         "<|end_header_id|>\n\n{{ .Content }}<|eot_id|>{{ end }}{{ end }}"
         "<|start_header_id|>assistant<|end_header_id|>\n\n",
         ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+    ),
+    ChatFamily(
+        "Gemma",
+        _gemma,
+        '{{ $first := true }}{{ range .Messages }}{{ if ne .Role "system" }}<start_of_turn>'
+        '{{ if eq .Role "assistant" }}model{{ else }}{{ .Role }}{{ end }}\n'
+        "{{ if $first }}{{ if $.System }}{{ $.System }}\n\n{{ end }}{{ $first = false }}{{ end }}"
+        "{{ .Content }}<end_of_turn>\n{{ end }}{{ end }}<start_of_turn>model\n",
+        ("<start_of_turn>", "<end_of_turn>"),
+    ),
+    ChatFamily(
+        "Phi-3",
+        _phi3,
+        "{{ if .System }}<|system|>\n{{ .System }}<|end|>\n{{ end }}"
+        '{{ range .Messages }}{{ if ne .Role "system" }}<|{{ .Role }}|>\n'
+        "{{ .Content }}<|end|>\n{{ end }}{{ end }}<|assistant|>\n",
+        ("<|end|>", "<|user|>", "<|assistant|>"),
     ),
 )
 
@@ -114,14 +148,21 @@ def recognise(template: str, tok_config: dict, adds_bos: bool) -> Recognised | N
     bos = _token_text(tok_config.get("bos_token"))
     eos = _token_text(tok_config.get("eos_token"))
     renders = render_bounded(template, [_WITH_SYSTEM, _WITHOUT_SYSTEM], bos, eos)
-    if isinstance(renders, str):  # a template that cannot render our probes is not one we know
-        log.warning("the chat template was not recognised: %s", renders)
-        return None
+    probe = _WITH_SYSTEM
+    if isinstance(renders, str):
+        # Some templates refuse system messages (Gemma 2's): recognised on turns without one
+        # (the family's template then puts a system prompt where its own format would).
+        probe = _WITH_SYSTEM[1:]
+        fallback = render_bounded(template, [probe, _WITHOUT_SYSTEM], bos, eos)
+        if isinstance(fallback, str):  # a template that cannot render our probes is unknown
+            log.warning("the chat template was not recognised: %s", renders)
+            return None
+        renders = fallback
     with_system, without = renders
     if adds_bos and bos and with_system.startswith(bos) and without.startswith(bos):
         with_system, without = with_system[len(bos) :], without[len(bos) :]
     for family in FAMILIES:
-        if family.render(_WITH_SYSTEM) != with_system:
+        if family.render(probe) != with_system:
             continue
         if family.render(_WITHOUT_SYSTEM) == without:
             return Recognised(family, None)
@@ -170,8 +211,9 @@ def modelfile_text(gguf_name: str, tok_config: dict, adds_bos: bool) -> tuple[st
         stops.extend(found.family.stops)
     elif template:
         warnings.append(
-            "the chat template is not one the Modelfile can express faithfully (ChatML and "
-            "Llama 3 can be); no TEMPLATE was written, so Ollama will pick one itself"
+            "the chat template is not one the Modelfile can express faithfully (ChatML, "
+            "Llama 3, Gemma and Phi-3 can be); no TEMPLATE was written, so Ollama will pick one "
+            "itself"
         )
     else:
         warnings.append("the model has no chat template; no TEMPLATE was written")
