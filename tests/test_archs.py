@@ -91,6 +91,10 @@ class RecordingOps:
     def scale(self, x, factor):
         return self._log("scale", str(factor), x.shape)
 
+    def split(self, x, sizes):
+        assert x.shape[-1] == sum(sizes)
+        return [self._log("split", str(n), (*x.shape[:-1], n)) for n in sizes]
+
     def mul(self, a, b):
         assert a.shape == b.shape
         return self._log("mul", None, a.shape)
@@ -124,8 +128,10 @@ def test_every_forward_runs_on_symbolic_shapes(model_type, extra):
     s = arch.spec
     assert out.shape == (f"{L}-5", s.vocab_size)
     linears = [name for op, name, _ in ops.calls if op == "linear"]
-    assert len(linears) == 7 * s.n_layers + 1
-    assert len(set(linears[:-1])) == 7 * s.n_layers  # every projection once
+    per_layer = sum(e.role == Role.LINEAR and e.layer == 0 for e in arch.tensors())
+    assert per_layer == (4 if model_type == "phi3" else 7)  # fused q/k/v and gate/up
+    assert len(linears) == per_layer * s.n_layers + 1
+    assert len(set(linears[:-1])) == per_layer * s.n_layers  # every projection once
     used = {name for op, name, _ in ops.calls if op in ("linear", "embedding", "rms_norm")}
     for e in arch.tensors():  # every parameter of the table is used by the forward
         assert e.name in used or e.module in used, e.name
@@ -171,12 +177,13 @@ def test_the_forward_runs_block_by_block_with_a_hook_on_linear_inputs(tiny_model
         before = set(ops.inputs)
         x = arch.block(ops, i, x, context)  # one block at a time, its inputs observable here
         seen = sorted(set(ops.inputs) - before)
-        assert len(seen) == 7 and all(m.startswith(f"model.layers.{i}.") for m in seen)
+        per_layer = sum(e.role == Role.LINEAR and e.layer == i for e in arch.tensors())
+        assert len(seen) == per_layer and all(m.startswith(f"model.layers.{i}.") for m in seen)
         assert all(ops.inputs[m].shape[0] == len(ids) for m in seen)
     logits = arch.head(ops, x)
     np.testing.assert_array_equal(logits, whole)  # the same operations in the same order
-    q_in = ops.inputs["model.layers.1.self_attn.q_proj"]
-    assert q_in.shape == (len(ids), config["hidden_size"])
+    q_in = ops.inputs["model.layers.1.mlp.down_proj"]
+    assert q_in.shape == (len(ids), config["intermediate_size"])
 
 
 # ----------------------------------------------------------------------------- sliding windows

@@ -4,7 +4,8 @@ llama-quantize converts an F32 GGUF we write; every tensor of its output must ha
 plan gives the same model. Two small models cover the rules: a tied llama with grouped-query
 attention (n_head / n_head_kv = 4) and rows that divide into 256, and an untied qwen2 whose
 hidden size (320) does not, so its projections take llama.cpp's fall-back types; and a granite
-(llama.cpp's own architecture, with the same per-tensor rules), and an untied olmo2.
+(llama.cpp's own architecture, with the same per-tensor rules), an untied olmo2, a tied Gemma 2,
+an untied Gemma 3 (one KV head) and a Phi-3, whose fused attn_qkv takes attn_v's rules.
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ MODELS = {
     "granite-gqa2-tied": dict(arch="granite", hidden=256, heads=4, kv_heads=2, intermediate=512),
     "olmo2-untied": dict(arch="olmo2", hidden=256, heads=4, kv_heads=4, intermediate=512,
                          tied=False),
+    "gemma2-tied": dict(arch="gemma2", hidden=256, heads=4, kv_heads=2, intermediate=512),
+    "gemma3-untied": dict(arch="gemma3_text", hidden=256, heads=4, kv_heads=1, intermediate=512,
+                          tied=False),
+    "phi3-fused-qkv": dict(arch="phi3", hidden=256, heads=4, kv_heads=4, intermediate=512,
+                           tied=False),
 }  # fmt: skip
 
 

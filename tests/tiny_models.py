@@ -23,7 +23,7 @@ import mlx.core as mx
 import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
-ARCHS = ("llama", "mistral", "qwen2", "qwen3", "granite", "olmo2", "gemma2", "gemma3_text")
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "granite", "olmo2", "gemma2", "gemma3_text", "phi3")
 # Whether the head may be untied, per architecture (mlx-lm and llama.cpp run Gemma 2 tied only).
 TIES = {arch: (True, False) for arch in ARCHS} | {"gemma2": (True,)}
 # (arch, tied) of every head each architecture allows, and the ids tests show them by
@@ -78,6 +78,7 @@ _ARCHITECTURES = {
     "olmo2": "Olmo2ForCausalLM",
     "gemma2": "Gemma2ForCausalLM",
     "gemma3_text": "Gemma3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
 }
 
 
@@ -247,7 +248,7 @@ def hf_config(
         if hidden % heads:
             raise ValueError(f"hidden {hidden} is not a multiple of heads {heads}")
         head_dim = hidden // heads
-    elif arch in ("qwen2", "granite", "olmo2") and head_dim * heads != hidden:
+    elif arch in ("qwen2", "granite", "olmo2", "phi3") and head_dim * heads != hidden:
         raise ValueError(f"{arch} derives head_dim as hidden // heads; it cannot be set")
 
     config: dict[str, Any] = {
@@ -335,6 +336,20 @@ def hf_config(
                 "sliding_window": 16,
                 "sliding_window_pattern": 2,
             }
+    elif arch == "phi3":
+        # Phi-3-mini-4k-instruct's values (its 2047-token window reaches beyond the tests)
+        config |= {
+            "attention_bias": False,
+            "embd_pdrop": 0.0,
+            "max_position_embeddings": 4096,
+            "original_max_position_embeddings": 4096,
+            "pad_token_id": PAD_TOKEN_ID,
+            "resid_pdrop": 0.0,
+            "rms_norm_eps": 1e-05,
+            "rope_scaling": None,
+            "rope_theta": 10000.0,
+            "sliding_window": 2047,
+        }
     elif arch == "mistral":
         config |= {
             "head_dim": head_dim,

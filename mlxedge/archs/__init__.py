@@ -17,6 +17,7 @@ from .llama import Llama
 from .mistral import Mistral
 from .olmo2 import Olmo2
 from .ops import Ops
+from .phi3 import Phi3
 from .qwen2 import Qwen2
 from .qwen3 import Qwen3
 from .spec import Kind, ModelSpec, Role, TensorEntry
@@ -25,7 +26,7 @@ Architecture = Llama  # every architecture module's class refines the llama deco
 
 ARCHITECTURES: dict[str, type[Architecture]] = {
     cls.model_type: cls
-    for cls in (Llama, Mistral, Qwen2, Qwen3, Granite, Olmo2, Gemma2, Gemma3Text)
+    for cls in (Llama, Mistral, Qwen2, Qwen3, Granite, Olmo2, Gemma2, Gemma3Text, Phi3)
 }
 # model types that wrap one of the above (a multimodal checkpoint's language model): how to read
 # one as the model it holds, (config, weights, where) -> (config, weights)
@@ -33,7 +34,7 @@ WRAPPERS = {"gemma3": gemma3.unwrap}
 # A GGUF file's `general.architecture` -> the class it imports as (a Mistral file says "llama").
 GGUF_ARCHITECTURES: dict[str, type[Architecture]] = {
     cls.gguf_arch_name_of(): cls
-    for cls in (Llama, Qwen2, Qwen3, Granite, Olmo2, Gemma2, Gemma3Text)
+    for cls in (Llama, Qwen2, Qwen3, Granite, Olmo2, Gemma2, Gemma3Text, Phi3)
 }
 
 

@@ -83,6 +83,10 @@ class Ops(Protocol):
         """cap * tanh(x / cap): x squashed into (-cap, cap)."""
         ...
 
+    def split(self, x: Value, sizes: tuple[int, ...]) -> list[Value]:
+        """x cut along its last axis into parts of these widths (a fused projection's parts)."""
+        ...
+
     def mul(self, a: Value, b: Value) -> Value: ...
 
     def scale(self, x: Value, factor: float) -> Value:

@@ -225,6 +225,13 @@ def _softmax_axis(x: np.ndarray, axis: int) -> np.ndarray:
     return np.moveaxis(_softmax(np.moveaxis(x, axis, -1).copy()), -1, axis)
 
 
+def _split(x, axis, split_sizes=None, num_splits=None):
+    x = np.asarray(x)
+    if split_sizes is None:
+        return tuple(np.split(x, int(num_splits), axis=int(axis)))
+    return tuple(np.split(x, np.cumsum([int(n) for n in split_sizes])[:-1], axis=int(axis)))
+
+
 def _reduce(fn):
     def run(x, axes=None, keep_dims=False):
         axes = None if axes is None else tuple(int(a) for a in np.atleast_1d(axes))
@@ -284,6 +291,7 @@ _OPS: dict[str, Callable] = {
         np.asarray(x), None if axes is None else tuple(int(a) for a in axes)
     ),
     "concat": _concat,
+    "split": _split,
     "tile": lambda x, reps: np.tile(np.asarray(x), [int(r) for r in reps]),
     "gather": _gather,
     "range_1d": lambda start, end, step: np.arange(int(start), int(end), int(step), dtype=np.int32),

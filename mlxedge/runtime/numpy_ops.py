@@ -85,6 +85,9 @@ class NumpyOps:
     def soft_cap(self, x: np.ndarray, cap: float) -> np.ndarray:
         return np.tanh(x / np.float32(cap)) * np.float32(cap)
 
+    def split(self, x: np.ndarray, sizes) -> list[np.ndarray]:
+        return np.split(x, np.cumsum(sizes)[:-1], axis=-1)
+
     def mul(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return a * b
 

@@ -215,6 +215,9 @@ class MILOps:
         mb = self.mb
         return mb.mul(x=mb.tanh(x=mb.mul(x=x, y=float(1 / cap))), y=float(cap))
 
+    def split(self, x, sizes):
+        return list(self.mb.split(x=x, split_sizes=list(sizes), axis=-1))
+
     def mul(self, a, b):
         return self.mb.mul(x=a, y=b)
 

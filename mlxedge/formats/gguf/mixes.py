@@ -3,8 +3,8 @@
 A mix name means the same here as in llama-quantize: the same type for the output head and the
 token embedding, the same layers given more bits, the same fall-back where a row does not divide
 into 256-weight super-blocks. The rules are llama.cpp's `llama_tensor_get_type`
-(src/llama-quant.cpp, as vendored in llama-cpp-python 0.3.36) for the dense llama/qwen models we
-export, restated here; tests/test_gguf_mix.py checks them against the types llama-quantize picks.
+(src/llama-quant.cpp, as vendored in llama-cpp-python 0.3.36) for the dense models we export,
+restated here; tests/test_gguf_mix.py checks them against the types llama-quantize picks.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def _impl_type(mix: Mix, entry: TensorEntry, row: int, shape: ModelShape) -> str
         if row % _block_size(default) or default == "Q8_0":
             return "Q8_0"
         return "Q6_K"
-    if entry.kind == Kind.ATTN_V:
+    if entry.kind in (Kind.ATTN_V, Kind.ATTN_QKV):  # a fused q/k/v takes attn_v's rules
         if m == "Q2_K":
             t = "Q4_K" if shape.n_head // shape.n_head_kv >= 4 else "Q3_K"
         elif m == "Q3_K_M":
