@@ -21,7 +21,7 @@ import numpy as np
 
 from ..errors import MlxedgeError
 from .ops import Ops, Value
-from .spec import LIMITS, Kind, ModelSpec, Role, TensorEntry
+from .spec import LIMITS, Kind, ModelSpec, Role, TensorEntry, rope_inv_freq
 
 _ROPE_FREQS = "rope_freqs.weight"
 
@@ -150,6 +150,8 @@ class Llama:
     # Trained activations overflow float16 (Gemma's residual stream): an executor computing in
     # float16 keeps the residual stream in float32.
     float32_residual: ClassVar[bool] = False
+    # rope scaling types beyond no scaling, linear and llama3 that this model type uses
+    rope_kinds: ClassVar[tuple[str, ...]] = ()
 
     def _qk_norm(self) -> bool:
         return False
@@ -173,6 +175,13 @@ class Llama:
         scaling = self.config.get("rope_scaling") or None
         if scaling is not None and not isinstance(scaling, dict):
             raise self._bad("rope_scaling", scaling, "not an object")
+        kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+        if kind in ("longrope", "su") and kind not in self.rope_kinds:
+            raise self._bad("rope_scaling", scaling, f"of a type {self.model_type} does not use")
+        try:  # an unknown or malformed rope scaling is refused here, before anything is written
+            rope_inv_freq(self._float("rope_theta"), scaling, head_dim)
+        except MlxedgeError as e:
+            raise MlxedgeError(e.message, path=self.where, fix=e.fix) from None
         return ModelSpec(
             model_type=self.model_type,
             hidden_size=self._int("hidden_size"),
@@ -424,7 +433,11 @@ class Llama:
         self._add_gguf_vocab_and_rope_dims(writer)
         writer.add_rope_freq_base(s.rope_theta)
         writer.add_layer_norm_rms_eps(s.rms_norm_eps)
-        scaling = s.rope_scaling or {}
+        self._add_gguf_rope_scaling(writer)
+
+    def _add_gguf_rope_scaling(self, writer: gguf.GGUFWriter) -> None:
+        """The rope scaling keys (Llama 3.1's travels as a tensor, `gguf_computed_tensors`)."""
+        scaling = self.spec.rope_scaling or {}
         kind = scaling.get("rope_type", scaling.get("type", "default"))
         if kind == "linear":
             if not isinstance(scaling.get("factor"), (int, float)):

@@ -186,8 +186,10 @@ class ModelSpec:
 def rope_inv_freq(theta: float, scaling: dict | None, head_dim: int) -> np.ndarray:
     """Inverse frequencies of the rotary embedding with a config's scaling applied.
 
-    Supports no scaling, "linear" and "llama3" (Llama 3.1/3.2); any other type is refused rather
-    than silently computed wrong.
+    Supports no scaling, "linear", "llama3" (Llama 3.1/3.2) and Phi-3's "longrope" / "su" with
+    its short factors (what Hugging Face uses up to `original_max_position_embeddings` tokens;
+    the attention factor is the architecture's to apply); any other type is refused rather than
+    silently computed wrong.
 
     Raises:
         MlxedgeError: another rope scaling type.
@@ -210,7 +212,13 @@ def rope_inv_freq(theta: float, scaling: dict | None, head_dim: int) -> np.ndarr
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
         return np.where(medium, smoothed, scaled).astype(np.float32)
+    if kind in ("longrope", "su"):
+        short = np.asarray(scaling.get("short_factor"), dtype=np.float64)
+        if short.shape != inv.shape:
+            raise MlxedgeError(f"rope_scaling.short_factor is not {len(inv)} numbers",
+                               fix="use the model's original config.json")  # fmt: skip
+        return (inv / short).astype(np.float32)
     raise MlxedgeError(
         f"rope scaling {kind!r} is not supported",
-        fix="supported: no scaling, 'linear', 'llama3'",
+        fix="supported: no scaling, 'linear', 'llama3', 'longrope'",
     )
