@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from mlx_lm import generate, load
-from tiny_models import ARCH_CASES, ARCH_IDS, edit_weights, make_tiny_model
+from tiny_models import ARCH_CASES, ARCH_IDS, ARCHS, edit_weights, make_tiny_model
 
 from mlxedge.cli import main
 from mlxedge.formats import safetensors
@@ -319,3 +319,18 @@ def test_row_blocks_give_identical_bytes(tmp_path, monkeypatch, method):
     figures = [[float(x) for x in number.findall(card)] for card in cards]
     assert len(figures[0]) == len(figures[1]) > 0
     assert np.allclose(figures[0], figures[1], rtol=0, atol=1.5e-4)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_architecture_s_mlx_folder_passes_crosscheck_on_reference_and_mlx(
+    models, tmp_path, arch
+):
+    out = tmp_path / "q"
+    assert run("quantize", models[arch, True], "-o", out, "--bits", 4, "--group-size", 32,
+               "--method", "rtn").exit_code == 0  # fmt: skip
+    result = run("crosscheck", out, "--reference", models[arch, True], "--backends",
+                 "reference,mlx", "--windows", 1, "--ctx", 32, "--json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)
+    assert [r["backend"] for r in rows] == ["reference", "mlx"]
+    assert all(r["skipped"] is None and r["passed"] and r["fidelity_ok"] for r in rows)
