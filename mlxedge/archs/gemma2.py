@@ -56,6 +56,8 @@ class Gemma2(Llama):
     # Soft-capping of the attention scores is part of the family (llama.cpp and mlx-lm always
     # apply it): required. Gemma 3 has none.
     attn_softcap_required: ClassVar[bool] = True
+    # mlx-lm's gemma2 always uses the embedding as the head, and llama.cpp's ignores output.weight
+    tied_only: ClassVar[bool] = True
 
     # ----------------------------------------------------------------------------- the spec
 
@@ -97,7 +99,7 @@ class Gemma2(Llama):
 
     def _spec(self) -> ModelSpec:
         spec = super()._spec()
-        if not spec.tied and type(self) is Gemma2:
+        if not spec.tied and self.tied_only:
             raise self._bad("tie_word_embeddings", False,
                             "not supported: mlx-lm and llama.cpp run Gemma 2 with the embedding "
                             "as its head")  # fmt: skip

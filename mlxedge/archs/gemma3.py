@@ -45,6 +45,7 @@ class Gemma3Text(Gemma2):
     }
     llama_cpp_27b_layers: ClassVar[int] = 62
     attn_softcap_required = False
+    tied_only = False
 
     def _qk_norm(self) -> bool:
         return True
