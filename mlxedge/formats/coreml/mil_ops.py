@@ -53,6 +53,7 @@ class MILOps:
         self.mb = mb
         self.float32_residual = float32_residual
         self._named = 0  # ops named so far (names must be unique in a program)
+        self._tables = 0  # rotary tables made so far
         self.weight = weight
         self.begin, self.end = begin, end
         self.context, self.n_kv, self.head_dim = context, n_kv_heads, head_dim
@@ -128,8 +129,8 @@ class MILOps:
         cos = np.concatenate([np.cos(angles)] * 2, axis=-1).astype(np.float16).astype(np.float32)
         sin = np.concatenate([np.sin(angles)] * 2, axis=-1).astype(np.float16).astype(np.float32)
         mb = self.mb
-        self._named += 1  # a second table (Gemma 3's sliding layers) needs names of its own
-        tag = "" if self._named == 1 else f"_{self._named}"
+        self._tables += 1  # a second table (Gemma 3's sliding layers) needs names of its own
+        tag = "" if self._tables == 1 else f"_{self._tables}"
         cos = mb.gather(x=mb.const(val=cos, name="rope_cos" + tag), indices=positions, axis=0)
         sin = mb.gather(x=mb.const(val=sin, name="rope_sin" + tag), indices=positions, axis=0)
         return cos, sin
