@@ -126,28 +126,15 @@ class Gemma2(Llama):
         return dataclasses.replace(entry, gguf_offset=1.0) if role == Role.NORM else entry
 
     def _entries(self):
-        s = self.spec
-        entry = self._entry
-        d, ff, hd = s.hidden_size, s.intermediate_size, s.head_dim
-        q_rows, kv_rows = s.n_heads * hd, s.n_kv_heads * hd
-        yield entry("model.embed_tokens.weight", (s.vocab_size, d), Role.EMBEDDING)
-        for i in range(s.n_layers):
-            p = f"model.layers.{i}."
-            yield entry(p + "input_layernorm.weight", (d,), Role.NORM, i)
-            for x, rows in (("q", q_rows), ("k", kv_rows), ("v", kv_rows)):
-                yield entry(p + f"self_attn.{x}_proj.weight", (rows, d), Role.LINEAR, i)
-            if s.qk_norm:
-                yield entry(p + "self_attn.q_norm.weight", (hd,), Role.NORM, i)
-                yield entry(p + "self_attn.k_norm.weight", (hd,), Role.NORM, i)
-            yield entry(p + "self_attn.o_proj.weight", (d, q_rows), Role.LINEAR, i)
-            yield entry(p + "post_attention_layernorm.weight", (d,), Role.NORM, i)
-            yield entry(p + "pre_feedforward_layernorm.weight", (d,), Role.NORM, i)
-            for x, shape in (("gate", (ff, d)), ("up", (ff, d)), ("down", (d, ff))):
-                yield entry(p + f"mlp.{x}_proj.weight", shape, Role.LINEAR, i)
-            yield entry(p + "post_feedforward_layernorm.weight", (d,), Role.NORM, i)
-        yield entry("model.norm.weight", (d,), Role.NORM)
-        if not s.tied:
-            yield entry("lm_head.weight", (s.vocab_size, d), Role.HEAD)
+        """Llama's table with a norm before and one after the MLP."""
+        d = (self.spec.hidden_size,)
+        for e in super()._entries():
+            yield e
+            p = f"model.layers.{e.layer}."
+            if e.name == p + "post_attention_layernorm.weight":
+                yield self._entry(p + "pre_feedforward_layernorm.weight", d, Role.NORM, e.layer)
+            if e.name == p + "mlp.down_proj.weight":
+                yield self._entry(p + "post_feedforward_layernorm.weight", d, Role.NORM, e.layer)
 
     # ----------------------------------------------------------------------- the forward pass
 
@@ -157,17 +144,11 @@ class Gemma2(Llama):
     def block(self, ops: Ops, i: int, x: Value, context: dict) -> Value:
         s, p = self.spec, f"model.layers.{i}."
         h = self._norm(ops, x, p + "input_layernorm.weight")
-        q = ops.split_heads(ops.linear(h, p + "self_attn.q_proj"), s.n_heads, s.head_dim)
-        k = ops.split_heads(ops.linear(h, p + "self_attn.k_proj"), s.n_kv_heads, s.head_dim)
-        v = ops.split_heads(ops.linear(h, p + "self_attn.v_proj"), s.n_kv_heads, s.head_dim)
+        q, k, v = self.heads(ops, *(ops.linear(h, p + f"self_attn.{n}_proj") for n in "qkv"))
         if s.qk_norm:
             q = self._norm(ops, q, p + "self_attn.q_norm.weight")
             k = self._norm(ops, k, p + "self_attn.k_norm.weight")
-        rope = self.rope_of(context, i)
-        q, k = ops.rope(q, rope), ops.rope(k, rope)
-        attended = ops.attention(i, q, k, v, context["masks"][s.windows[i]], s.attention_scale,
-                                 s.attn_softcap)  # fmt: skip
-        out = ops.linear(ops.merge_heads(attended), p + "self_attn.o_proj")
+        out = ops.linear(self.attend(ops, i, q, k, v, context), p + "self_attn.o_proj")
         x = ops.add(x, self._norm(ops, out, p + "post_attention_layernorm.weight"))
         h = self._norm(ops, x, p + "pre_feedforward_layernorm.weight")
         gate = ops.linear(h, p + "mlp.gate_proj")

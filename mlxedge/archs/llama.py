@@ -327,28 +327,33 @@ class Llama:
         local = self.spec.local_rope_theta is not None and self.spec.windows[i]
         return context["rope"]["local" if local else "global"]
 
+    def heads(self, ops: Ops, q: Value, k: Value, v: Value) -> tuple[Value, Value, Value]:
+        """Projected queries, keys and values (tokens, features) as (heads, tokens, dim)."""
+        s = self.spec
+        return (ops.split_heads(q, s.n_heads, s.head_dim),
+                ops.split_heads(k, s.n_kv_heads, s.head_dim),
+                ops.split_heads(v, s.n_kv_heads, s.head_dim))  # fmt: skip
+
+    def attend(self, ops: Ops, i: int, q: Value, k: Value, v: Value, context: dict) -> Value:
+        """Block `i`'s attention over its heads: rotary on q and k, the block's mask, scale and
+        soft-cap; the heads merged back to (tokens, features)."""
+        s = self.spec
+        rope = self.rope_of(context, i)
+        q, k = ops.rope(q, rope), ops.rope(k, rope)
+        mask = context["masks"][s.windows[i]]
+        return ops.merge_heads(ops.attention(i, q, k, v, mask, s.attention_scale, s.attn_softcap))
+
     def block(self, ops: Ops, i: int, x: Value, context: dict) -> Value:
         """Decoder block `i`: attention, then the MLP, each around a residual."""
         s, p = self.spec, f"model.layers.{i}."
         h = ops.rms_norm(x, p + "input_layernorm.weight", s.rms_norm_eps)
-        q = ops.split_heads(
-            ops.linear(h, p + "self_attn.q_proj", s.qkv_bias), s.n_heads, s.head_dim
-        )
-        k = ops.split_heads(
-            ops.linear(h, p + "self_attn.k_proj", s.qkv_bias), s.n_kv_heads, s.head_dim
-        )
-        v = ops.split_heads(
-            ops.linear(h, p + "self_attn.v_proj", s.qkv_bias), s.n_kv_heads, s.head_dim
-        )
+        q, k, v = self.heads(ops, *(ops.linear(h, p + f"self_attn.{n}_proj", s.qkv_bias)
+                                    for n in "qkv"))  # fmt: skip
         if s.qk_norm:
             q = ops.rms_norm(q, p + "self_attn.q_norm.weight", s.rms_norm_eps)
             k = ops.rms_norm(k, p + "self_attn.k_norm.weight", s.rms_norm_eps)
-        rope = self.rope_of(context, i)
-        q, k = ops.rope(q, rope), ops.rope(k, rope)
-        mask = context["masks"][s.windows[i]]
-        attended = ops.attention(i, q, k, v, mask, s.attention_scale)  # (heads, tokens, dim)
-        x = self.residual(ops, x, ops.linear(ops.merge_heads(attended), p + "self_attn.o_proj",
-                                             s.o_bias))  # fmt: skip
+        attended = self.attend(ops, i, q, k, v, context)
+        x = self.residual(ops, x, ops.linear(attended, p + "self_attn.o_proj", s.o_bias))
         h = ops.rms_norm(x, p + "post_attention_layernorm.weight", s.rms_norm_eps)
         gate = ops.linear(h, p + "mlp.gate_proj", s.mlp_bias)
         up = ops.linear(h, p + "mlp.up_proj", s.mlp_bias)

@@ -46,13 +46,8 @@ class Olmo2(Llama):
         k = ops.rms_norm(ops.linear(x, p + "self_attn.k_proj", s.qkv_bias),
                          p + "self_attn.k_norm.weight", eps)  # fmt: skip
         v = ops.linear(x, p + "self_attn.v_proj", s.qkv_bias)
-        q = ops.split_heads(q, s.n_heads, s.head_dim)
-        k = ops.split_heads(k, s.n_kv_heads, s.head_dim)
-        v = ops.split_heads(v, s.n_kv_heads, s.head_dim)
-        rope = self.rope_of(context, i)
-        q, k = ops.rope(q, rope), ops.rope(k, rope)
-        attended = ops.attention(i, q, k, v, context["masks"][s.windows[i]], s.attention_scale)
-        out = ops.linear(ops.merge_heads(attended), p + "self_attn.o_proj", s.o_bias)
+        attended = self.attend(ops, i, *self.heads(ops, q, k, v), context)
+        out = ops.linear(attended, p + "self_attn.o_proj", s.o_bias)
         x = ops.add(x, ops.rms_norm(out, p + "post_attention_layernorm.weight", eps))
         gate = ops.linear(x, p + "mlp.gate_proj", s.mlp_bias)
         up = ops.linear(x, p + "mlp.up_proj", s.mlp_bias)

@@ -120,14 +120,9 @@ class Phi3(Llama):
         s, p = self.spec, f"model.layers.{i}."
         h = ops.rms_norm(x, p + "input_layernorm.weight", s.rms_norm_eps)
         q_width, kv_width = s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim
-        q, k, v = ops.split(ops.linear(h, p + "self_attn.qkv_proj"), (q_width, kv_width, kv_width))
-        q = ops.split_heads(q, s.n_heads, s.head_dim)
-        k = ops.split_heads(k, s.n_kv_heads, s.head_dim)
-        v = ops.split_heads(v, s.n_kv_heads, s.head_dim)
-        rope = self.rope_of(context, i)
-        q, k = ops.rope(q, rope), ops.rope(k, rope)
-        attended = ops.attention(i, q, k, v, context["masks"][s.windows[i]], s.attention_scale)
-        x = ops.add(x, ops.linear(ops.merge_heads(attended), p + "self_attn.o_proj"))
+        qkv = ops.split(ops.linear(h, p + "self_attn.qkv_proj"), (q_width, kv_width, kv_width))
+        attended = self.attend(ops, i, *self.heads(ops, *qkv), context)
+        x = ops.add(x, ops.linear(attended, p + "self_attn.o_proj"))
         h = ops.rms_norm(x, p + "post_attention_layernorm.weight", s.rms_norm_eps)
         gate, up = ops.split(ops.linear(h, p + "mlp.gate_up_proj"), (s.intermediate_size,) * 2)
         return ops.add(x, ops.linear(ops.mul(ops.silu(gate), up), p + "mlp.down_proj"))
