@@ -58,6 +58,9 @@ class Gemma2(Llama):
     attn_softcap_required: ClassVar[bool] = True
     # mlx-lm's gemma2 always uses the embedding as the head, and llama.cpp's ignores output.weight
     tied_only: ClassVar[bool] = True
+    # what llama.cpp assumes when a file lacks the sliding window / its pattern (every n-th global)
+    llama_cpp_default_window: ClassVar[int | None] = 4096
+    llama_cpp_default_pattern: ClassVar[int] = 2
 
     # ----------------------------------------------------------------------------- the spec
 
@@ -156,12 +159,6 @@ class Gemma2(Llama):
         out = ops.linear(ops.mul(ops.gelu_tanh(gate), up), p + "mlp.down_proj")
         return ops.add(x, self._norm(ops, out, p + "post_feedforward_layernorm.weight"))
 
-    def head(self, ops: Ops, x: Value, first: int = 0) -> Value:
-        x = self._norm(ops, ops.tail(x, first), "model.norm.weight")
-        logits = ops.linear(x, "model.embed_tokens" if self.spec.tied else "lm_head")
-        cap = self.spec.final_softcap
-        return logits if cap is None else ops.soft_cap(logits, cap)
-
     # ------------------------------------------------------------------------ configs written
 
     def output_config(self) -> dict:
@@ -251,14 +248,14 @@ class Gemma2(Llama):
         """`sliding_window` and `layer_types` from the file, llama.cpp's defaults where absent."""
         arch = cls.gguf_arch_name_of()
         key = gguf.Keys.Attention.SLIDING_WINDOW.format(arch=arch)
-        window = meta.get(key, cls._gguf_default_window())
+        window = meta.get(key, cls.llama_cpp_default_window)
         if window is None or window == 0:
             return {"sliding_window": None}
         if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 0:
             raise MlxedgeError(f"metadata key {key} is {window!r:.40}, not a whole number",
                                path=path, fix=_GGUF_FIX)  # fmt: skip
         pattern_key = gguf.Keys.Attention.SLIDING_WINDOW_PATTERN.format(arch=arch)
-        pattern = meta.get(pattern_key, cls._gguf_default_pattern())
+        pattern = meta.get(pattern_key, cls.llama_cpp_default_pattern)
         if isinstance(pattern, list):
             if len(pattern) != n_layers or not all(isinstance(f, bool) for f in pattern):
                 raise MlxedgeError(f"metadata key {pattern_key} is not {n_layers} flags",
@@ -278,14 +275,6 @@ class Gemma2(Llama):
         if meta.get(rope_key) is not None:
             out["rope_local_base_freq"] = gguf_positive_number(rope_key, meta[rope_key], path)
         return out
-
-    @classmethod
-    def _gguf_default_window(cls) -> int | None:
-        return 4096  # llama.cpp's gemma2 default
-
-    @classmethod
-    def _gguf_default_pattern(cls) -> int:
-        return 2
 
     @classmethod
     def _rope_local_from_gguf(cls, config: dict, path) -> None:

@@ -46,6 +46,8 @@ class Gemma3Text(Gemma2):
     llama_cpp_27b_layers: ClassVar[int] = 62
     attn_softcap_required = False
     tied_only = False
+    llama_cpp_default_window = None  # llama.cpp's gemma3: no key, no sliding layers
+    llama_cpp_default_pattern = 6
 
     def _qk_norm(self) -> bool:
         return True
@@ -91,14 +93,6 @@ class Gemma3Text(Gemma2):
             "rope_scaling": s.rope_scaling,
             "sliding_window_pattern": self.sliding_window_pattern(),
         }
-
-    @classmethod
-    def _gguf_default_window(cls) -> int | None:
-        return None  # llama.cpp's gemma3: no key, no sliding layers
-
-    @classmethod
-    def _gguf_default_pattern(cls) -> int:
-        return 6
 
     @classmethod
     def _rope_local_from_gguf(cls, config: dict, path) -> None:

@@ -361,10 +361,14 @@ class Llama:
                                                 s.mlp_bias))  # fmt: skip
 
     def head(self, ops: Ops, x: Value, first: int = 0) -> Value:
-        x = ops.rms_norm(ops.tail(x, first), "model.norm.weight", self.spec.rms_norm_eps)
-        logits = ops.linear(x, "model.embed_tokens" if self.spec.tied else "lm_head")
-        ls = self.spec.logits_scaling
-        return logits if ls == 1.0 else ops.scale(logits, 1.0 / ls)
+        """The final norm and the output head; logits scaled (Granite) or soft-capped (Gemma 2)
+        where the spec says."""
+        s = self.spec
+        x = ops.rms_norm(ops.tail(x, first), "model.norm.weight", s.rms_norm_eps, s.norm_offset)
+        logits = ops.linear(x, "model.embed_tokens" if s.tied else "lm_head")
+        if s.logits_scaling != 1.0:
+            logits = ops.scale(logits, 1.0 / s.logits_scaling)
+        return logits if s.final_softcap is None else ops.soft_cap(logits, s.final_softcap)
 
     # ------------------------------------------------------------------------ configs written
 
