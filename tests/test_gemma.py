@@ -141,6 +141,8 @@ def test_the_core_ml_residual_stream_is_float32_and_survives_what_float16_cannot
     """A residual stream beyond float16's range (embeddings of 1e4, times sqrt(64)): the package
     still equals the reference, because its residual ops are float32, while its projections are
     float16."""
+    from test_coreml import assert_interp_crosscheck_passes
+
     from mlxedge.runtime.coreml_interp import Program, _dtype_name
 
     folder = make_tiny_model(tmp_path / "m", "gemma3_text", dtype="float32", tied=False, layers=1)
@@ -158,11 +160,7 @@ def test_the_core_ml_residual_stream_is_float32_and_survives_what_float16_cannot
         kinds.setdefault((op.op_type, op.name.startswith("fp32_")), set()).add(
             _dtype_name(op.outputs[0]))  # fmt: skip
     assert kinds[("add", True)] == {"fp32"} and kinds[("linear", False)] == {"fp16"}
-    result = run("crosscheck", out, "--reference", folder, "--backends", "coreml-interp",
-                 "--windows", 1, "--ctx", 32, "--json")  # fmt: skip
-    assert result.exit_code == 0, result.output
-    (row,) = json.loads(result.output)
-    assert row["passed"] and row["fidelity"]["kl_mean"] <= 5e-3
+    assert_interp_crosscheck_passes(out, folder)
 
 
 # ------------------------------------------------------------------------------ recommend
